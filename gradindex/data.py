@@ -1,0 +1,201 @@
+"""Training texts and queries: loading, tokenizing, and batching by a token budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .capture import Batch
+from .errors import GradIndexError
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass(frozen=True)
+class Query:
+    """A measurement: the log-likelihood of ``completion`` given ``prompt``, over the completion tokens only."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass
+class TokenizedSet:
+    """Token ids per sequence and which positions are scored (predicted) in each.
+
+    ``scored[i][t]`` says whether token t of sequence i is a target of the loss: every token but the
+    first for training text, the completion tokens for a query.
+    """
+
+    input_ids: list[np.ndarray]
+    scored: list[np.ndarray]
+    n_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(x) for x in self.input_ids))
+
+    def fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for ids, scored in zip(self.input_ids, self.scored):
+            h.update(np.int64(len(ids)).tobytes())
+            h.update(ids.astype(np.int64).tobytes())
+            h.update(np.packbits(scored).tobytes())
+        return h.hexdigest()
+
+
+def load_texts(data, text_field: str = "text", split: str = "train"):
+    """Load training data with ``datasets`` and return it as a ``Dataset`` with a string ``text_field``.
+
+    ``data`` may be a ``datasets.Dataset``, a json/jsonl/parquet/csv/txt file, a folder saved with
+    ``save_to_disk``, a folder of data files, or a hub dataset name.
+    """
+    import datasets
+
+    if isinstance(data, datasets.DatasetDict):
+        data = data[split] if split in data else next(iter(data.values()))
+    if not isinstance(data, datasets.Dataset):
+        data = _load_dataset(str(data), split)
+    if text_field not in data.column_names:
+        raise GradIndexError(f"data has no text field {text_field!r}; its columns are {data.column_names} (use --text-field)")
+    return data
+
+
+def _load_dataset(source: str, split: str):
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise GradIndexError(f"cannot read {path}: expected one of {sorted(_FILE_BUILDERS)}")
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if not path.exists() and (source.startswith((".", "/")) or path.suffix):
+            raise GradIndexError(f"data not found: {source}")
+        return datasets.load_dataset(source, split=split)
+    except GradIndexError:
+        raise
+    except UnicodeDecodeError as e:
+        raise GradIndexError(f"data {source} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except Exception as e:  # datasets raises many types; the user needs the message, not the stack
+        raise GradIndexError(f"cannot load data {source}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_queries(path: str | Path) -> list[Query]:
+    """Queries from a jsonl file of ``{"prompt": …, "completion": …}`` objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradIndexError(f"queries file not found: {path}")
+    queries = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise GradIndexError(f"queries file {path} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            queries.append(Query(str(row["prompt"]), str(row["completion"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise GradIndexError(f"{path}:{n}: expected a JSON object with 'prompt' and 'completion' ({_one_line(e)})") from None
+    if not queries:
+        raise GradIndexError(f"queries file {path} holds no query")
+    return queries
+
+
+def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int = 1000) -> TokenizedSet:
+    """Tokenize training texts, truncating each to ``max_length`` tokens (truncations are counted)."""
+    ids_out, n_truncated, buffer = [], 0, []
+
+    def flush():
+        nonlocal n_truncated
+        for ids in tokenizer(buffer, add_special_tokens=True)["input_ids"]:
+            n_truncated += len(ids) > max_length
+            ids_out.append(np.asarray(ids[:max_length], dtype=np.int64))
+        buffer.clear()
+
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise GradIndexError(f"training row {i} is {type(text).__name__}, not text")
+        buffer.append(text)
+        if len(buffer) >= chunk:
+            flush()
+    if buffer:
+        flush()
+    scored = [np.arange(len(ids)) > 0 for ids in ids_out]
+    return TokenizedSet(ids_out, scored, n_truncated)
+
+
+def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> TokenizedSet:
+    """Tokenize prompt and completion apart, so that exactly the completion tokens are scored."""
+    ids_out, scored_out = [], []
+    for i, q in enumerate(queries):
+        if not q.prompt.strip():
+            raise GradIndexError(f"query {i}: empty prompt")
+        if not q.completion.strip():
+            raise GradIndexError(f"query {i}: empty completion")
+        prompt = tokenizer(q.prompt, add_special_tokens=True)["input_ids"]
+        completion = tokenizer(q.completion, add_special_tokens=False)["input_ids"]
+        if not completion:
+            raise GradIndexError(f"query {i}: completion {q.completion!r} tokenizes to nothing")
+        if len(prompt) + len(completion) > max_length:
+            raise GradIndexError(
+                f"query {i} is {len(prompt) + len(completion)} tokens, longer than the maximum length {max_length}"
+            )
+        ids_out.append(np.asarray(prompt + completion, dtype=np.int64))
+        scored_out.append(np.arange(len(prompt) + len(completion)) >= len(prompt))
+    return TokenizedSet(ids_out, scored_out)
+
+
+def plan_batches(data: TokenizedSet, token_budget: int, rows: Sequence[int] | None = None) -> list[list[int]]:
+    """Rows grouped into batches of at most ``token_budget`` padded tokens, longest first to waste little padding.
+
+    Empty sequences are left out: they have nothing to score or to add to A, and a fully masked row
+    would only risk NaNs in attention.
+    """
+    rows = range(len(data)) if rows is None else rows
+    order = sorted((r for r in rows if len(data.input_ids[r])), key=lambda r: -len(data.input_ids[r]))
+    plan, start = [], 0
+    while start < len(order):
+        count = max(1, token_budget // len(data.input_ids[order[start]]))
+        plan.append(order[start : start + count])
+        start += count
+    return plan
+
+
+def iter_batches(data: TokenizedSet, token_budget: int, pad_id: int, rows: Sequence[int] | None = None) -> Iterator[Batch]:
+    for chosen in plan_batches(data, token_budget, rows):
+        yield collate(data, chosen, pad_id)
+
+
+def collate(data: TokenizedSet, rows: Sequence[int], pad_id: int) -> Batch:
+    width = max(max(len(data.input_ids[r]) for r in rows), 1)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids = torch.from_numpy(data.input_ids[r])
+        n = len(ids)
+        input_ids[b, :n] = ids
+        attention_mask[b, :n] = 1
+        labels[b, :n] = torch.where(torch.from_numpy(data.scored[r]), ids, torch.tensor(-100))
+    return Batch(list(rows), input_ids, attention_mask, labels)

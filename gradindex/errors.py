@@ -1,0 +1,8 @@
+"""The one exception type a user should ever see from gradindex."""
+
+
+class GradIndexError(Exception):
+    """A problem with the user's input or artifacts, explained in one line.
+
+    The CLI prints these without a traceback and exits non-zero; anything else is a bug.
+    """

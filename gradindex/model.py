@@ -1,0 +1,93 @@
+"""Loading a Hugging Face causal LM and fingerprinting it, so artifacts can be tied to the exact weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import GradIndexError
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise GradIndexError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_model(name_or_path: str, dtype: str | None = None, device: str = "cpu"):
+    """Load ``(model, tokenizer)`` from a local folder or hub name, in eval mode, with a pad token set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name_or_path)
+    if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise GradIndexError(f"model not found: {name_or_path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype) or "auto")
+    except GradIndexError:
+        raise
+    except Exception as e:  # transformers raises OSError/ValueError/HTTP errors with multi-line messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GradIndexError(f"cannot load model {name_or_path!r}: {first}") from None
+    prepare_tokenizer(tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Padding is masked out everywhere, so any id will do; reuse EOS when the tokenizer has no pad token."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise GradIndexError("tokenizer has neither a pad nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def context_length(model: nn.Module) -> int | None:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_max_length(model: nn.Module, max_length: int | None) -> int:
+    """The user's ``max_length``, refused when it exceeds the model's context; else the context (capped at 2048)."""
+    context = context_length(model)
+    if max_length is None:
+        return min(context or 2048, 2048)
+    if max_length < 2:
+        raise GradIndexError(f"max length must be at least 2 tokens, got {max_length}")
+    if context is not None and max_length > context:
+        raise GradIndexError(f"max length {max_length} exceeds the model's context of {context} tokens")
+    return max_length
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of every weight's name, dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: what decides the ids a text becomes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()

@@ -1,0 +1,59 @@
+"""Tiny randomly initialised causal LMs and a word-level tokenizer, built offline for the tests."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+WORDS = (
+    "the a of to and in is was for on that with as by at from it an be this are or his her which not "
+    "capital city river king queen book author wrote year founded colour red blue green music composer "
+    "north south east west old new small large first last river mountain lake island bridge tower"
+).split()
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_model(kind: str = "gpt2", *, width: int = 16, layers: int = 2, vocab: int = 100, seed: int = 0, dtype=torch.float32):
+    """A random model of a given family; small enough to form Kronecker matrices explicitly."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab)
+    if kind == "gpt2":
+        config = tf.GPT2Config(n_embd=width, n_layer=layers, n_head=2, n_positions=64, **common)
+        model = tf.GPT2LMHeadModel(config)
+    elif kind == "neox":
+        config = tf.GPTNeoXConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=4 * width, max_position_embeddings=64, **common)
+        model = tf.GPTNeoXForCausalLM(config)
+    elif kind == "llama":
+        config = tf.LlamaConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, intermediate_size=2 * width, max_position_embeddings=64, **common)
+        model = tf.LlamaForCausalLM(config)
+    elif kind == "opt":
+        config = tf.OPTConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, ffn_dim=4 * width, max_position_embeddings=64, word_embed_proj_dim=width, **common)
+        model = tf.OPTForCausalLM(config)
+    elif kind == "qwen2":
+        config = tf.Qwen2Config(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, intermediate_size=2 * width, max_position_embeddings=64, **common)
+        model = tf.Qwen2ForCausalLM(config)
+    elif kind == "mistral":
+        config = tf.MistralConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, intermediate_size=2 * width, max_position_embeddings=64, **common)
+        model = tf.MistralForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    return model.to(dtype).eval()
+
+
+def random_texts(n: int, seed: int = 0, lo: int = 3, hi: int = 14) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        idx = torch.randint(0, len(WORDS), (length,), generator=g)
+        out.append(" ".join(WORDS[i] for i in idx))
+    return out
