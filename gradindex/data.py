@@ -79,6 +79,8 @@ def _load_dataset(source: str, split: str):
             builder = _FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise GradIndexError(f"cannot read {path}: expected one of {sorted(_FILE_BUILDERS)}")
+            if builder != "parquet":
+                _check_utf8(path)
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
             loaded = datasets.load_from_disk(str(path))
@@ -92,6 +94,25 @@ def _load_dataset(source: str, split: str):
         raise GradIndexError(f"data {source} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except Exception as e:  # datasets raises many types; the user needs the message, not the stack
         raise GradIndexError(f"cannot load data {source}: {_one_line(e)}") from None
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 24) -> None:
+    """Refuse text files that are not UTF-8: some ``datasets`` readers would silently replace the bytes."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise GradIndexError(f"data {path} is not valid UTF-8 (byte {offset + e.start}: {e.reason})") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise GradIndexError(f"data {path} is not valid UTF-8 (truncated character at the end)") from None
 
 
 def _one_line(e: BaseException) -> str:

@@ -25,6 +25,9 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def load_model(name_or_path: str, dtype: str | None = None, device: str = "cpu"):
     """Load ``(model, tokenizer)`` from a local folder or hub name, in eval mode, with a pad token set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars cover long work; loading a checkpoint is not it
 
     local = Path(name_or_path)
     if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):

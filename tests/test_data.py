@@ -1,0 +1,93 @@
+import json
+
+import datasets
+import numpy as np
+import pytest
+
+from gradindex.data import Query, collate, load_queries, load_texts, plan_batches, tokenize_queries, tokenize_texts
+from gradindex.errors import GradIndexError
+
+TEXTS = ["the king wrote a book", "a river in the north", "the blue tower"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    rows = [{"text": t, "n": i} for i, t in enumerate(TEXTS)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.txt").write_text("\n".join(TEXTS))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_csv(str(tmp_path / "d.csv"))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv", "d.parquet", "d.txt", "saved"])
+def test_any_datasets_input_loads_the_same_texts(files, name):
+    assert load_texts(files / name)["text"] == TEXTS
+
+
+def test_dataset_objects_pass_through_and_missing_field_is_named(files):
+    ds = datasets.Dataset.from_dict({"body": TEXTS})
+    assert load_texts(ds, text_field="body")["body"] == TEXTS
+    with pytest.raises(GradIndexError, match=r"no text field 'text'; its columns are \['body'\]"):
+        load_texts(ds)
+
+
+def test_missing_and_non_utf8_data_are_clear_errors(tmp_path):
+    with pytest.raises(GradIndexError, match="data not found"):
+        load_texts(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(GradIndexError, match=r"bad.jsonl is not valid UTF-8 \(byte 13: invalid"):
+        load_texts(bad)
+
+
+def test_truncation_is_counted(tokenizer):
+    data = tokenize_texts(tokenizer, ["the king wrote a book", "a river"], max_length=3)
+    assert [len(x) for x in data.input_ids] == [3, 2]
+    assert data.n_truncated == 1
+    assert [s.tolist() for s in data.scored] == [[False, True, True], [False, True]]
+
+
+def test_queries_score_exactly_the_completion_tokens(tokenizer):
+    q = tokenize_queries(tokenizer, [Query("the king", " wrote a book")], 32)
+    assert q.scored[0].tolist() == [False, False, True, True, True]
+    for bad, match in [(Query("", " x"), "empty prompt"), (Query("the", "  "), "empty completion")]:
+        with pytest.raises(GradIndexError, match=match):
+            tokenize_queries(tokenizer, [bad], 32)
+    with pytest.raises(GradIndexError, match="longer than the maximum length 3"):
+        tokenize_queries(tokenizer, [Query("the king", " wrote a book")], 3)
+
+
+def test_completion_that_tokenizes_to_nothing_is_refused():
+    class Silent:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [] if text == " ." else [5]}
+
+    with pytest.raises(GradIndexError, match="tokenizes to nothing"):
+        tokenize_queries(Silent(), [Query("a", " .")], 8)
+
+
+def test_queries_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a"}\n')
+    with pytest.raises(GradIndexError, match=r"q.jsonl:2: expected a JSON object"):
+        load_queries(path)
+    with pytest.raises(GradIndexError, match="queries file not found"):
+        load_queries(tmp_path / "none.jsonl")
+
+
+def test_batches_respect_the_token_budget_and_cover_every_nonempty_row(tokenizer):
+    data = tokenize_texts(tokenizer, ["the " * n for n in (5, 1, 9, 3, 0, 7)], max_length=32)
+    plan = plan_batches(data, token_budget=12)
+    assert sorted(r for rows in plan for r in rows) == [0, 1, 2, 3, 5]
+    for rows in plan:
+        batch = collate(data, rows, pad_id=0)
+        assert batch.input_ids.numel() <= 12 or len(rows) == 1
+        assert batch.attention_mask.sum() == sum(len(data.input_ids[r]) for r in rows)
+        assert ((batch.labels != -100) <= (batch.attention_mask == 1)).all()
+    assert len(set(data.fingerprint() for _ in range(2))) == 1
+    other = tokenize_texts(tokenizer, ["the " * n for n in (5, 1, 9, 3, 0, 8)], max_length=32)
+    assert other.fingerprint() != data.fingerprint()
