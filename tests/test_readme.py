@@ -1,0 +1,11 @@
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    blocks = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    demo, tests = blocks[0], blocks[1]
+    assert demo.endswith("python examples/demo.py") and tests.endswith("python -m pytest -q")
+    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
