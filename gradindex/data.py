@@ -149,7 +149,7 @@ def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int 
 
     def flush():
         nonlocal n_truncated
-        for ids in tokenizer(buffer, add_special_tokens=True)["input_ids"]:
+        for ids in tokenizer(buffer, add_special_tokens=True, verbose=False)["input_ids"]:
             n_truncated += len(ids) > max_length
             ids_out.append(np.asarray(ids[:max_length], dtype=np.int64))
         buffer.clear()
