@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from gradindex.capture import sample_labels
 from gradindex.data import TokenizedSet
 from gradindex.factors import Factors, FitConfig, LayerFactors
 from gradindex.layers import LayerSpec
@@ -114,13 +115,7 @@ class CausalLMTask(Task):
             if scored.any():
                 sampled[:, 1:][scored] = torch.multinomial(probs[scored], 1).squeeze(-1)
             return sampled
-        for b, row in enumerate(rows.tolist()):
-            positions = scored[b].nonzero().squeeze(-1)
-            if positions.numel() == 0:
-                continue
-            g = torch.Generator(device=logits.device).manual_seed(self.row_seed + int(row))
-            sampled[b, positions + 1] = torch.multinomial(probs[b, positions], 1, generator=g).squeeze(-1)
-        return sampled
+        return sample_labels(logits, labels, [self.row_seed + int(r) for r in rows.tolist()])
 
     def compute_train_loss(self, batch: dict, model: nn.Module, sample: bool = False) -> torch.Tensor:
         logits = self._logits(batch, model)

@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from gradindex.data import DEFAULT_TOKEN_BUDGET
 from gradindex.errors import GradIndexError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Which training sequences made the model say this?")
@@ -18,7 +19,7 @@ ModelArg = typer.Argument(..., help="Hugging Face causal LM: a local folder or a
 DataOpt = typer.Option(..., "--data", help="Training data: a json/jsonl/parquet/csv/txt file, a saved dataset folder, or a hub name.")
 TextFieldOpt = typer.Option("text", "--text-field", help="Column holding the training text.")
 MaxLengthOpt = typer.Option(None, "--max-length", help="Truncate training sequences to this many tokens (default: the model's context, at most 2048).")
-TokenBudgetOpt = typer.Option(8192, "--token-budget", help="Padded tokens per batch.")
+TokenBudgetOpt = typer.Option(DEFAULT_TOKEN_BUDGET, "--token-budget", help="Padded tokens per batch (raise it on a GPU).")
 DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32, float64, bfloat16, float16 (default: as saved).")
 DeviceOpt = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
 

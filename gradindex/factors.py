@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .capture import capture
-from .data import TokenizedSet, collate, plan_batches
+from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
 from .errors import GradIndexError
 from .layers import LayerSpec
 
@@ -45,7 +45,7 @@ class FitConfig:
     max_length: int = 0
     fisher: str = "true"  # "true": labels sampled from the model; "empirical": the data's own labels
     seed: int = 0
-    token_budget: int = 8192
+    token_budget: int = DEFAULT_TOKEN_BUDGET
     compute_dtype: str = "float32"
     factor_dtype: str = "float32"
     damping_scale: float = DEFAULT_DAMPING_SCALE
@@ -171,7 +171,7 @@ def fit_factors(
     pad_id: int,
     fisher: str = "true",
     seed: int = 0,
-    token_budget: int = 8192,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
     progress: bool = True,
     describe: dict | None = None,
 ) -> Factors:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .data import Query, TokenizedSet, load_queries, load_texts, tokenize_queries, tokenize_texts
+from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, load_queries, load_texts, tokenize_queries, tokenize_texts
 from .errors import GradIndexError
 from .factors import Factors, fit_factors
 from .layers import select_layers
@@ -41,7 +41,7 @@ def fit(
     modules: str = "mlp",
     fisher: str = "true",
     seed: int = 0,
-    token_budget: int = 8192,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
     dtype: str | None = None,
     device: str = "cpu",
     progress: bool = True,
@@ -77,7 +77,7 @@ def score(
     tokenizer=None,
     text_field: str = "text",
     max_length: int | None = None,
-    token_budget: int = 8192,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
     damping: float | None = None,
     damping_scale: float | None = None,
     per_layer: bool = False,

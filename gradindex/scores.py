@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import capture
-from .data import TokenizedSet, collate, plan_batches
+from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
 from .factors import Factors
 from .layers import LayerSpec
 
@@ -45,7 +45,7 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def sequence_gradients(
-    model: nn.Module, layers: list[LayerSpec], data: TokenizedSet, *, pad_id: int, token_budget: int = 8192
+    model: nn.Module, layers: list[LayerSpec], data: TokenizedSet, *, pad_id: int, token_budget: int = DEFAULT_TOKEN_BUDGET
 ) -> dict[str, torch.Tensor]:
     """Per-sequence gradients of the summed NLL of the scored tokens, (n, d_out, d_in) per layer."""
     device, dtype = _device_and_dtype(model)
@@ -64,7 +64,7 @@ def query_gradients(
     queries: TokenizedSet,
     *,
     pad_id: int,
-    token_budget: int = 8192,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
     damping: float | None = None,
     damping_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -99,7 +99,7 @@ def compute_scores(
     queries: TokenizedSet,
     *,
     pad_id: int,
-    token_budget: int = 8192,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
     damping: float | None = None,
     damping_scale: float | None = None,
     per_layer: bool = False,

@@ -171,3 +171,13 @@ def test_contraction_orders_agree():
     torch.testing.assert_close(contract(p, a, d), explicit)
     torch.testing.assert_close(contract(p[:1], a, d), explicit[:1])
     torch.testing.assert_close(contract(p, a, d, per_token=True).sum(-1), explicit)
+
+
+def test_sampled_labels_follow_the_model_distribution():
+    logits = torch.tensor([[[2.0, 0.0, -1.0, 1.0], [0.0, 0.0, 0.0, 5.0], [0.0] * 4]])
+    labels = torch.tensor([[-100, 1, 2]])
+    draws = torch.stack([sample_labels(logits, labels, [seed])[0, 1:] for seed in range(20_000)])
+    assert (sample_labels(logits, labels, [0])[0, 0] == -100).all()
+    for t in range(2):
+        freq = torch.bincount(draws[:, t], minlength=4).double() / len(draws)
+        torch.testing.assert_close(freq, torch.softmax(logits[0, t].double(), -1), atol=0.012, rtol=0)
