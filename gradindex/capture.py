@@ -75,6 +75,12 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model lives and the dtype statistics are computed in: float64 models stay float64, others float32."""
+    p = next(model.parameters())
+    return p.device, _compute_dtype(p)
+
+
 @contextmanager
 def _graph_without_parameter_grads(model: nn.Module) -> Iterator[None]:
     """Build an autograd graph from the embeddings on, with every parameter frozen for the duration."""

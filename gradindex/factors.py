@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .capture import capture
+from .capture import capture, device_and_dtype
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
 from .errors import GradIndexError
 from .layers import LayerSpec
@@ -184,11 +184,11 @@ def fit_factors(
     if len(train) == 0:
         raise GradIndexError("no training sequences to fit factors on")
     started = time.perf_counter()
-    device = next(model.parameters()).device
-    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    device, dtype = device_and_dtype(model)
     sample_seed = seed if fisher == "true" else None
-
     plan = plan_batches(train, token_budget)
+    if not plan:
+        raise GradIndexError("every training sequence is empty: nothing to fit factors on")
 
     def passes(desc: str):
         for rows in tqdm(plan, desc=desc, disable=not progress, unit="batch"):

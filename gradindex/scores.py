@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture
+from .capture import capture, device_and_dtype
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
 from .factors import Factors
 from .layers import LayerSpec
@@ -39,16 +39,11 @@ class ScoreResult:
     n_truncated: int = 0  # training sequences cut to the maximum length
 
 
-def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
 def sequence_gradients(
     model: nn.Module, layers: list[LayerSpec], data: TokenizedSet, *, pad_id: int, token_budget: int = DEFAULT_TOKEN_BUDGET
 ) -> dict[str, torch.Tensor]:
     """Per-sequence gradients of the summed NLL of the scored tokens, (n, d_out, d_in) per layer."""
-    device, dtype = _device_and_dtype(model)
+    device, dtype = device_and_dtype(model)
     grads = {s.name: torch.zeros(len(data), s.d_out, s.d_in, dtype=dtype, device=device) for s in layers}
     for rows in plan_batches(data, token_budget):
         captured, _ = capture(model, layers, collate(data, rows, pad_id).to(device))
@@ -107,7 +102,7 @@ def compute_scores(
     progress: bool = True,
 ) -> ScoreResult:
     """Exact EK-FAC influence of every training sequence on every query."""
-    device, dtype = _device_and_dtype(model)
+    device, dtype = device_and_dtype(model)
     layers = factors.specs
     p = query_gradients(model, factors, queries, pad_id=pad_id, token_budget=token_budget, damping=damping, damping_scale=damping_scale)
     n_q, n = len(queries), len(train)

@@ -91,3 +91,13 @@ def test_batches_respect_the_token_budget_and_cover_every_nonempty_row(tokenizer
     assert len(set(data.fingerprint() for _ in range(2))) == 1
     other = tokenize_texts(tokenizer, ["the " * n for n in (5, 1, 9, 3, 0, 8)], max_length=32)
     assert other.fingerprint() != data.fingerprint()
+
+
+def test_fitting_on_only_empty_texts_is_refused(tokenizer):
+    from gradindex.factors import fit_factors
+    from gradindex.layers import select_layers
+    from tiny import tiny_model
+
+    model = tiny_model("gpt2")
+    with pytest.raises(GradIndexError, match="every training sequence is empty"):
+        fit_factors(model, tokenize_texts(tokenizer, ["", ""], 8), select_layers(model), pad_id=0, progress=False)
