@@ -108,14 +108,14 @@ class CausalLMTask(Task):
 
     @torch.no_grad()
     def _sample(self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        if self.row_seed is not None and rows is not None:
+            return sample_labels(logits, labels, [self.row_seed + int(r) for r in rows.tolist()])
         sampled = torch.full_like(labels, -100)
-        probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
         scored = labels[:, 1:] != -100
-        if self.row_seed is None or rows is None:
-            if scored.any():
-                sampled[:, 1:][scored] = torch.multinomial(probs[scored], 1).squeeze(-1)
-            return sampled
-        return sample_labels(logits, labels, [self.row_seed + int(r) for r in rows.tolist()])
+        if scored.any():
+            probs = torch.softmax(logits[:, :-1][scored].detach().float(), dim=-1)
+            sampled[:, 1:][scored] = torch.multinomial(probs, 1).squeeze(-1)
+        return sampled
 
     def compute_train_loss(self, batch: dict, model: nn.Module, sample: bool = False) -> torch.Tensor:
         logits = self._logits(batch, model)

@@ -24,9 +24,8 @@ from gradindex.errors import GradIndexError  # noqa: E402
 from gradindex.model import load_model, model_fingerprint  # noqa: E402
 
 
-def cached_factors(model_dir: Path, train_path: Path, out: Path) -> Factors:
+def cached_factors(model, tokenizer, train_path: Path, out: Path, max_length: int) -> Factors:
     """Reuse factors fitted earlier on this very model, else fit them."""
-    model, tokenizer = load_model(str(model_dir))
     try:
         factors = Factors.load(out)
         factors.check_model(model_fingerprint(model))
@@ -34,7 +33,7 @@ def cached_factors(model_dir: Path, train_path: Path, out: Path) -> Factors:
         return factors
     except GradIndexError:
         started = time.perf_counter()
-        factors = pipeline.fit(model, train_path, tokenizer=tokenizer, out=out, max_length=64)
+        factors = pipeline.fit(model, train_path, tokenizer=tokenizer, out=out, max_length=max_length)
         print(f"fitted factors in {time.perf_counter() - started:.1f}s -> {out}", file=sys.stderr)
         return factors
 
@@ -48,13 +47,14 @@ def main() -> None:
     args = parser.parse_args()
 
     example = prepare_example(args.cache, quick=args.quick)
-    factors = cached_factors(example.model_dir, example.train_path, example.model_dir / "factors")
+    model, tokenizer = load_model(str(example.model_dir))
+    factors = cached_factors(model, tokenizer, example.train_path, example.model_dir / "factors", example.max_length)
     texts = [json.loads(line)["text"] for line in example.train_path.read_text().splitlines()]
     rows = [json.loads(line) for line in example.queries_path.read_text().splitlines()][: args.queries]
     queries = [Query(r["prompt"], r["completion"]) for r in rows]
 
     started = time.perf_counter()
-    result = pipeline.score(example.model_dir, factors, example.train_path, queries, max_length=64, progress=False)
+    result = pipeline.score(model, factors, example.train_path, queries, tokenizer=tokenizer, max_length=example.max_length, progress=False)
     print(f"exact EK-FAC scores for {len(queries)} queries × {len(texts)} training sequences in {time.perf_counter() - started:.1f}s\n")
     for query, scores in zip(queries, result.scores):
         print(f"{query.prompt!r} → {query.completion!r}")
@@ -68,6 +68,7 @@ def main() -> None:
             copies = f" ×{len(rows)}" if len(rows) > 1 else ""
             print(f"  {rank}. {scores[rows[0]]:+10.4g}  row {rows[0]:5d}{copies:4}  {text[:90]!r}")
         print()
+
 
 if __name__ == "__main__":
     main()
