@@ -15,7 +15,7 @@ from .model import load_model, model_fingerprint, prepare_tokenizer, resolve_max
 from .scores import ScoreResult, compute_scores
 
 
-def _model_and_tokenizer(model, tokenizer, dtype: str | None, device: str) -> tuple[nn.Module, object, str]:
+def model_and_tokenizer(model, tokenizer, dtype: str | None, device: str) -> tuple[nn.Module, object, str]:
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise GradIndexError("a model object needs its tokenizer passed too")
@@ -47,7 +47,7 @@ def fit(
     progress: bool = True,
 ) -> Factors:
     """Fit EK-FAC factors of ``model`` on ``data`` and, with ``out``, save them there."""
-    model, tokenizer, model_name = _model_and_tokenizer(model, tokenizer, dtype, device)
+    model, tokenizer, model_name = model_and_tokenizer(model, tokenizer, dtype, device)
     layers = select_layers(model, modules)
     max_length = resolve_max_length(model, max_length)
     train = tokenize_training_data(tokenizer, data, text_field=text_field, max_length=max_length)
@@ -87,7 +87,7 @@ def score(
     progress: bool = True,
 ) -> ScoreResult:
     """Exact EK-FAC influence of every sequence of ``data`` on every query."""
-    model, tokenizer, _ = _model_and_tokenizer(model, tokenizer, dtype, device)
+    model, tokenizer, _ = model_and_tokenizer(model, tokenizer, dtype, device)
     if not isinstance(factors, Factors):
         factors = Factors.load(factors)
     factors.check_model(model_fingerprint(model), tokenizer_fingerprint(tokenizer))

@@ -102,10 +102,28 @@ def compute_scores(
     progress: bool = True,
 ) -> ScoreResult:
     """Exact EK-FAC influence of every training sequence on every query."""
-    device, dtype = device_and_dtype(model)
-    layers = factors.specs
     p = query_gradients(model, factors, queries, pad_id=pad_id, token_budget=token_budget, damping=damping, damping_scale=damping_scale)
-    n_q, n = len(queries), len(train)
+    return score_preconditioned(
+        model, factors.specs, p, train, pad_id=pad_id, token_budget=token_budget,
+        per_layer=per_layer, per_token=per_token, progress=progress,
+    )
+
+
+def score_preconditioned(
+    model: nn.Module,
+    layers: list[LayerSpec],
+    p: dict[str, torch.Tensor],
+    train: TokenizedSet,
+    *,
+    pad_id: int,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    per_layer: bool = False,
+    per_token: bool = False,
+    progress: bool = True,
+) -> ScoreResult:
+    """Exact influence of every sequence of ``train`` given preconditioned query gradients P_q (Q, d_out, d_in)."""
+    device, dtype = device_and_dtype(model)
+    n_q, n = next(iter(p.values())).shape[0], len(train)
     layer_scores = {s.name: torch.zeros(n_q, n, dtype=torch.float64) for s in layers}
     token_scores: list[np.ndarray | None] = [np.zeros((n_q, len(ids)), np.float32) for ids in train.input_ids] if per_token else []
     for rows in tqdm(plan_batches(train, token_budget), desc="scoring", disable=not progress, unit="batch"):

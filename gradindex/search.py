@@ -1,0 +1,256 @@
+"""The online query: one gradient, a FAISS shortlist, low-rank rescoring, exact EK-FAC rerank.
+
+    stage 1  FAISS inner product over stage-1 vectors         → top k1 candidates
+    stage 2  Σ_layers ⟨W(G_q), U Vᵀ⟩ from memory-mapped factors → top k2 of those
+    stage 3  exact EK-FAC influence of the k2 (as ``scores``)  → top k
+Opponents (most negative influence) run the same cascade on the negated query.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from . import ann
+from .compress import CompressionConfig, Compressor
+from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, load_queries, tokenize_queries
+from .errors import GradIndexError
+from .factors import Factors
+from .model import model_fingerprint, resolve_max_length, tokenizer_fingerprint
+from .scores import score_preconditioned, sequence_gradients
+from .store import FACTORS_DIR, INDEX_FILE, check_sizes, load_manifest, shard_path
+
+DEFAULT_K1 = 1000
+DEFAULT_K2 = 100
+
+
+@dataclass
+class Hit:
+    """One training sequence in a query's answer."""
+
+    row: int  # global row id in the index (= offset in the training data)
+    score: float  # exact EK-FAC influence (cosine-normalised with ``cosine=True``)
+    approx_score: float  # stage-2 low-rank estimate, same normalisation
+    stage1_score: float  # the FAISS inner product (heavier damping: comparable within a query only)
+    text: str
+    source: str
+    offset: int
+    per_layer: dict[str, float]
+    tokens: list[str] | None = None
+    token_scores: list[float] | None = None  # sum to ``score`` (unnormalised) over the sequence's tokens
+
+
+@dataclass
+class Trace:
+    """Every stage's candidates and scores, for ``eval``."""
+
+    stage1_rows: np.ndarray
+    stage1_scores: np.ndarray
+    stage2_rows: np.ndarray
+    stage2_scores: np.ndarray
+    exact_rows: np.ndarray
+    exact_scores: np.ndarray
+
+
+@dataclass
+class QueryResult:
+    prompt: str
+    completion: str
+    opponents: bool
+    hits: list[Hit]
+    seconds: dict[str, float] = field(default_factory=dict)
+    trace: Trace | None = None
+
+
+class GradIndex:
+    """A built index, opened for queries: ``GradIndex.open(path).query(prompt, completion, k=10)``."""
+
+    def __init__(self, root: Path, manifest: dict, model, tokenizer, factors: Factors, index, token_budget: int):
+        self.root = root
+        self.manifest = manifest
+        self.model = model
+        self.tokenizer = tokenizer
+        self.factors = factors
+        self.index = index
+        self.token_budget = token_budget
+        self.compressor = Compressor(factors, CompressionConfig(**manifest["compression"]))
+        self.n = int(manifest["n_rows"])
+        self.shard_size = int(manifest["shard_size"])
+        n_shards = len(manifest["shards"])
+        self._lowrank = [np.load(shard_path(root, j, "lowrank"), mmap_mode="r") for j in range(n_shards)]
+        self._meta: dict[int, object] = {}
+        self.max_query_length = resolve_max_length(model, None)
+
+    @classmethod
+    def open(cls, path: str | Path, *, model=None, tokenizer=None, dtype: str | None = None, device: str = "cpu",
+             token_budget: int = DEFAULT_TOKEN_BUDGET) -> "GradIndex":
+        """Open an index; the model defaults to the one it was built from and must have the same weights."""
+        from .pipeline import model_and_tokenizer
+
+        root = Path(path)
+        manifest = load_manifest(root)
+        check_sizes(root, manifest)
+        model, tokenizer, _ = model_and_tokenizer(model or manifest["model"], tokenizer, dtype, device)
+        if model_fingerprint(model) != manifest["model_hash"]:
+            raise GradIndexError(f"index {root} was built for another model (weights hash differs from {manifest['model']!r})")
+        if tokenizer_fingerprint(tokenizer) != manifest["tokenizer_hash"]:
+            raise GradIndexError(f"index {root} was built with another tokenizer (tokenizer hash differs)")
+        factors = Factors.load(root / FACTORS_DIR)
+        if factors.config.model_hash != manifest["model_hash"]:
+            raise GradIndexError(f"index {root}: its factors belong to another model than its vectors")
+        index = ann.load_index(root / INDEX_FILE, use_gpu=ann.gpu_available() and str(device).startswith("cuda"))
+        if index.ntotal != manifest["n_rows"] or index.d != manifest["vector_dim"]:
+            raise GradIndexError(f"index {root}: {INDEX_FILE} holds {index.ntotal}×{index.d} vectors, the manifest says "
+                                 f"{manifest['n_rows']}×{manifest['vector_dim']}")
+        return cls(root, manifest, model, tokenizer, factors, index, token_budget)
+
+    # -- metadata ---------------------------------------------------------------------------------
+
+    def _shard_meta(self, j: int):
+        if j not in self._meta:
+            try:
+                table = pq.read_table(shard_path(self.root, j, "meta"), memory_map=True)
+            except Exception as e:
+                raise GradIndexError(f"cannot read metadata shard {j} of {self.root}: {e}") from None
+            expected = np.arange(j * self.shard_size, j * self.shard_size + table.num_rows)
+            if not np.array_equal(table.column("row_id").to_numpy(), expected):
+                raise GradIndexError(f"metadata shard {j} of {self.root} does not hold rows {expected[0]}–{expected[-1]}")
+            self._meta[j] = table
+        return self._meta[j]
+
+    def rows(self, rows: Sequence[int], columns: Sequence[str] = ("text", "source", "offset")) -> dict[str, list]:
+        """Metadata columns of the given global rows, in the given order."""
+        out: dict[str, list] = {c: [None] * len(rows) for c in columns}
+        rows = np.asarray(rows, dtype=np.int64)
+        for j in np.unique(rows // self.shard_size):
+            where = np.nonzero(rows // self.shard_size == j)[0]
+            table = self._shard_meta(int(j)).take(rows[where] - j * self.shard_size)
+            for c in columns:
+                values = table.column(c).to_pylist()
+                for w, v in zip(where, values):
+                    out[c][w] = v
+        return out
+
+    def tokenized(self, rows: Sequence[int]) -> TokenizedSet:
+        """The stored token ids of the given rows, scored as training text (every token but the first)."""
+        ids = [np.asarray(x, dtype=np.int64) for x in self.rows(rows, ("input_ids",))["input_ids"]]
+        return TokenizedSet(ids, [np.arange(len(x)) > 0 for x in ids])
+
+    def self_influence(self, rows: Sequence[int]) -> np.ndarray:
+        return np.asarray(self.rows(rows, ("self_influence",))["self_influence"], dtype=np.float64)
+
+    def lowrank(self, rows: np.ndarray) -> torch.Tensor:
+        """Stage-2 factors of the given rows, read from the memory-mapped shards (only those rows)."""
+        out = np.empty((len(rows), self.compressor.factor_dim), dtype=self._lowrank[0].dtype)
+        shard = rows // self.shard_size
+        for j in np.unique(shard):
+            where = np.nonzero(shard == j)[0]
+            local = rows[where] - j * self.shard_size
+            order = np.argsort(local)  # ascending reads are kinder to the page cache
+            out[where[order]] = self._lowrank[j][local[order]]
+        return torch.from_numpy(out)
+
+    # -- querying ---------------------------------------------------------------------------------
+
+    def query(self, prompt: str, completion: str, k: int = 10, **options) -> QueryResult:
+        """Top-k training sequences by EK-FAC influence on log p(completion | prompt); see :meth:`query_many`."""
+        return self.query_many([Query(prompt, completion)], k=k, **options)[0]
+
+    def query_many(
+        self,
+        queries: Sequence[Query] | str | Path,
+        k: int = 10,
+        *,
+        k1: int | None = None,
+        k2: int | None = None,
+        opponents: bool = False,
+        cosine: bool = False,
+        per_token: bool = False,
+        damping: float | None = None,
+        damping_scale: float | None = None,
+        nprobe: int | None = None,
+        trace: bool = False,
+    ) -> list[QueryResult]:
+        """Run the cascade for each query. ``opponents``: most negative influence instead of most positive.
+
+        ``cosine``: scores divided by both sequences' whitened-gradient norms (at the build's stage-2
+        damping), which removes the pull of long, high-loss sequences.
+        """
+        if isinstance(queries, (str, Path)):
+            queries = load_queries(queries)
+        queries = list(queries)
+        k1, k2 = self._check_k(k, k1, k2)
+        started = time.perf_counter()
+        tokenized = tokenize_queries(self.tokenizer, queries, self.max_query_length)
+        grads = sequence_gradients(self.model, self.factors.specs, tokenized, pad_id=self.tokenizer.pad_token_id,
+                                   token_budget=self.token_budget)
+        rotated = {name: self.factors.rotate(name, g).float() for name, g in grads.items()}
+        vectors, whitened = self.compressor.query_vectors(rotated)
+        sign = -1.0 if opponents else 1.0
+        query_norms = torch.sqrt(sum(w.double().square().sum((1, 2)) for w in whitened.values())).numpy()
+        gradient_seconds = (time.perf_counter() - started) / len(queries)
+        t = time.perf_counter()
+        s1_scores, s1_rows = ann.search(self.index, sign * vectors.cpu().numpy(), k1, nprobe)
+        search_seconds = (time.perf_counter() - t) / len(queries)
+        results = []
+        for q, query in enumerate(queries):
+            timings = {"gradient": gradient_seconds, "stage1": search_seconds}
+            keep = s1_rows[q] >= 0
+            rows1, scores1 = s1_rows[q][keep], sign * s1_scores[q][keep]
+            t = time.perf_counter()
+            approx = self.compressor.lowrank_scores(self.lowrank(rows1), {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
+            norms = np.sqrt(np.maximum(self.self_influence(rows1), 1e-300)) * max(query_norms[q], 1e-300) if cosine else 1.0
+            approx = approx / norms
+            order = np.argsort(-sign * approx, kind="stable")[:k2]
+            rows2, scores2 = rows1[order], approx[order]
+            timings["stage2"] = time.perf_counter() - t
+            t = time.perf_counter()
+            p = {name: self.factors.precondition(name, g[q : q + 1], damping, damping_scale) for name, g in grads.items()}
+            exact = score_preconditioned(self.model, self.factors.specs, p, self.tokenized(rows2), pad_id=self.tokenizer.pad_token_id,
+                                         token_budget=self.token_budget, per_layer=True, per_token=per_token, progress=False)
+            scale = norms[order] if cosine else 1.0
+            exact_scores = exact.scores[0].astype(np.float64) / scale
+            final = np.argsort(-sign * exact_scores, kind="stable")[:k]
+            timings["stage3"] = time.perf_counter() - t
+            hits = self._hits(rows2, final, exact, exact_scores, scores2, rows1, scores1, per_token)
+            timings["total"] = sum(timings.values())
+            results.append(QueryResult(
+                query.prompt, query.completion, opponents, hits, timings,
+                Trace(rows1, scores1, rows2, scores2, rows2[final], exact_scores[final]) if trace else None,
+            ))
+        return results
+
+    def _check_k(self, k: int, k1: int | None, k2: int | None) -> tuple[int, int]:
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise GradIndexError(f"k must be a positive number of results, got {k}")
+        if k > self.n:
+            raise GradIndexError(f"k = {k} exceeds the {self.n} sequences in the index")
+        k1 = min(self.n, max(k, DEFAULT_K1 if k1 is None else k1))
+        k2 = min(k1, max(k, DEFAULT_K2 if k2 is None else k2))
+        if k1 <= 0 or k2 <= 0:
+            raise GradIndexError("k1 and k2 must be positive")
+        return k1, k2
+
+    def _hits(self, rows2, final, exact, exact_scores, approx, rows1, scores1, per_token) -> list[Hit]:
+        chosen = rows2[final]
+        meta = self.rows(chosen, ("text", "source", "offset", "input_ids"))
+        stage1 = dict(zip(rows1.tolist(), scores1.tolist()))
+        hits = []
+        for i, (f, row) in enumerate(zip(final, chosen)):
+            tokens = token_scores = None
+            if per_token:
+                tokens = self.tokenizer.convert_ids_to_tokens(meta["input_ids"][i])
+                token_scores = exact.per_token[f][0].tolist()
+            hits.append(Hit(
+                row=int(row), score=float(exact_scores[f]), approx_score=float(approx[f]), stage1_score=float(stage1[int(row)]),
+                text=meta["text"][i], source=meta["source"][i], offset=int(meta["offset"][i]),
+                per_layer={name: float(v[0, f]) for name, v in exact.per_layer.items()},
+                tokens=tokens, token_scores=token_scores,
+            ))
+        return hits
