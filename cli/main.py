@@ -121,6 +121,214 @@ def scores(
         typer.echo(f"query {q}: " + ", ".join(f"row {i} ({row[i]:.4g})" for i in best))
 
 
+IndexArg = typer.Argument(..., help="Index folder written by `gradindex build`.")
+K1Opt = typer.Option(None, "--k1", help="Stage-1 (FAISS) candidates (default 1000).")
+K2Opt = typer.Option(None, "--k2", help="Stage-2 (low-rank) survivors rescored exactly (default 100).")
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise GradIndexError(f"cannot read memory size {text!r} (e.g. 512M, 4G)") from None
+
+
+def _parse_shard(text: str | None):
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise GradIndexError(f"--shard takes i/n (e.g. 0/4), got {text!r}") from None
+    return i, n
+
+
+@app.command()
+@friendly_errors
+def build(
+    model: str = ModelArg,
+    data: str = DataOpt,
+    out: Path = typer.Option(..., "--out", help="Index folder, e.g. indexes/NAME. Re-running the same command resumes it."),
+    factors: Optional[Path] = typer.Option(None, "--factors", help="Factors from `gradindex fit` (default: fit them first)."),
+    text_field: str = TextFieldOpt,
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted, else the model's context)."),
+    modules: str = typer.Option("mlp", "--modules", help="Layers, when fitting factors here: 'mlp', 'all' or a regex."),
+    stage1: str = typer.Option("sketch", "--stage1", help="Stage-1 vectors: 'sketch' (CountSketch) or 'topl' (entries of largest eigenvalue)."),
+    stage1_dim: int = typer.Option(2048, "--stage1-dim", help="Stage-1 entries per layer."),
+    stage1_damping_scale: float = typer.Option(1.0, "--stage1-damping-scale", help="Stage-1 whitening damping, × mean eigenvalue (heavier than exact scoring's)."),
+    rank: int = typer.Option(16, "--rank", help="Stage-2 rank of each layer's whitened gradient."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sketch and the randomized SVD."),
+    shard_size: int = typer.Option(4096, "--shard-size", help="Rows per shard: the unit of resumption."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Build only part i of n (i/n); join the parts with `gradindex merge`."),
+    max_memory: str = typer.Option("4G", "--max-memory", help="Memory budget of the FAISS index; decides exact or IVF."),
+    index_key: Optional[str] = typer.Option(None, "--index-key", help="FAISS factory string overriding the automatic choice, e.g. 'IVF1024,SQ8'."),
+    token_budget: int = TokenBudgetOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Build an influence index of the training data (fits EK-FAC factors first unless --factors)."""
+    from gradindex.build import build as run_build
+    from gradindex.compress import CompressionConfig
+
+    compression = CompressionConfig(stage1=stage1, stage1_dim=stage1_dim, stage1_damping_scale=stage1_damping_scale, rank=rank, seed=seed)
+    part = _parse_shard(shard)
+    run_build(
+        model, data, out, factors=factors, text_field=text_field, max_length=max_length, modules=modules, compression=compression,
+        shard_size=shard_size, shard=part, token_budget=token_budget, max_memory=_parse_size(max_memory), index_key=index_key,
+        dtype=dtype, device=device,
+    )
+    if part is not None:
+        typer.echo(f"built part {part[0]}/{part[1]} in {out}; join the parts with `gradindex merge`")
+    elif (out / "manifest.json").is_file():
+        _print_info(out)
+
+
+@app.command()
+@friendly_errors
+def merge(
+    parts: list[Path] = typer.Argument(..., help="Part folders built with --shard i/n."),
+    out: Path = typer.Option(..., "--out", help="Index folder to write (may be one of the parts)."),
+    max_memory: str = typer.Option("4G", "--max-memory", help="Memory budget of the FAISS index."),
+    index_key: Optional[str] = typer.Option(None, "--index-key", help="FAISS factory string overriding the automatic choice."),
+):
+    """Join parts built with --shard into one index."""
+    from gradindex.build import merge as run_merge
+
+    run_merge(parts, out, max_memory=_parse_size(max_memory), index_key=index_key)
+    _print_info(out)
+
+
+def _print_info(root: Path) -> None:
+    from gradindex.store import load_manifest
+
+    m = load_manifest(root)
+    c, b = m["compression"], m["bytes_per_sequence"]
+    typer.echo(f"index {root}: {m['n_rows']} sequences, model {m['model']} ({len(m['layers'])} layers), built {m['created']}")
+    typer.echo(f"  stage 1: {c['stage1']} {m['vector_dim']} dims (damping {c['stage1_damping_scale']} × mean eigenvalue), FAISS {m['index']['key']}")
+    typer.echo(f"  stage 2: rank {c['rank']} factors, {m['factor_dim']} values per sequence; storage {c['dtype']}")
+    typer.echo("  bytes per sequence: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in b.items()))
+    typer.echo(f"  model hash {m['model_hash']}, tokenizer hash {m['tokenizer_hash']}, factors sha256 {m['factors_hash'][:16]}…")
+
+
+@app.command()
+@friendly_errors
+def info(index: Path = IndexArg, as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON.")):
+    """Print an index's manifest."""
+    import json
+
+    from gradindex.store import load_manifest
+
+    if as_json:
+        typer.echo(json.dumps(load_manifest(index), indent=1))
+    else:
+        _print_info(index)
+
+
+@app.command()
+@friendly_errors
+def verify(index: Path = IndexArg):
+    """Re-hash every file of an index against its manifest."""
+    from gradindex.store import verify as run_verify
+
+    problems = run_verify(index)
+    if problems:
+        for p in problems:
+            typer.echo(f"error: {p}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{index}: every file matches the manifest")
+
+
+def _queries(queries: Optional[Path], prompt: Optional[str], completion: Optional[str]):
+    from gradindex.data import Query, load_queries
+
+    if (queries is None) == (prompt is None and completion is None):
+        raise GradIndexError("give either --queries FILE or --prompt and --completion")
+    if queries is None:
+        if prompt is None or completion is None:
+            raise GradIndexError("--prompt and --completion go together")
+        return [Query(prompt, completion)]
+    return load_queries(queries)
+
+
+@app.command()
+@friendly_errors
+def query(
+    index: Path = IndexArg,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The query's prompt."),
+    completion: Optional[str] = typer.Option(None, "--completion", help="The completion whose log-likelihood is explained."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="jsonl of {\"prompt\", \"completion\"} objects, instead of one query."),
+    k: int = typer.Option(10, "-k", "--k", help="Results per query."),
+    k1: Optional[int] = K1Opt,
+    k2: Optional[int] = K2Opt,
+    opponents: bool = typer.Option(False, "--opponents", help="Most negative influence instead of most positive."),
+    cosine: bool = typer.Option(False, "--cosine", help="Unit-normalised scores (divide by both gradients' whitened norms)."),
+    per_token: bool = typer.Option(False, "--per-token", help="Token-wise influence inside each result."),
+    damping: Optional[float] = typer.Option(None, "--damping", help="Absolute damping of the exact rerank."),
+    damping_scale: Optional[float] = typer.Option(None, "--damping-scale", help="Damping of the exact rerank, × mean eigenvalue (default 0.1)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output: one JSON object per query."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of the path recorded in the index (same weights)."),
+    dtype: Optional[str] = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """The training sequences with the largest influence on a completion."""
+    import json
+    from dataclasses import asdict
+
+    from gradindex.search import GradIndex
+
+    query_list = _queries(queries, prompt, completion)
+    opened = GradIndex.open(index, model=model, dtype=dtype, device=device)
+    results = opened.query_many(query_list, k, k1=k1, k2=k2, opponents=opponents, cosine=cosine, per_token=per_token,
+                                damping=damping, damping_scale=damping_scale)
+    for r in results:
+        if as_json:
+            typer.echo(json.dumps({k_: v for k_, v in asdict(r).items() if k_ != "trace"}))
+            continue
+        kind = "opponents" if opponents else "proponents"
+        typer.echo(f"{r.prompt!r} → {r.completion!r}: top {len(r.hits)} {kind} ({r.seconds['total'] * 1000:.0f} ms)")
+        for rank_, h in enumerate(r.hits, 1):
+            text = " ".join(h.text.split())
+            typer.echo(f"{rank_:3d}. {h.score:+.4g}  row {h.row}  {text[:100]}{'…' if len(text) > 100 else ''}")
+            if per_token and h.tokens:
+                best = np.argsort(-np.abs(h.token_scores))[:5]
+                typer.echo("       tokens: " + ", ".join(f"{h.tokens[t]!r} {h.token_scores[t]:+.3g}" for t in sorted(best)))
+
+
+@app.command(name="eval")
+@friendly_errors
+def eval_(
+    index: Path = IndexArg,
+    queries: Path = typer.Option(..., "--queries", help="jsonl of {\"prompt\", \"completion\"} objects."),
+    k: int = typer.Option(10, "-k", "--k", help="Size of the top-k compared."),
+    k1: Optional[int] = K1Opt,
+    k2: Optional[int] = K2Opt,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of the recorded path."),
+    device: str = DeviceOpt,
+):
+    """Recall of each stage against brute-force exact scores, and query latency."""
+    import json
+
+    from gradindex.evaluate import evaluate
+    from gradindex.search import GradIndex
+
+    report = evaluate(GradIndex.open(index, model=model, device=device), queries, k, k1=k1, k2=k2)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    typer.echo(f"{report.n_queries} queries, {report.n_rows} sequences, k={report.k}, k1={report.k1}, k2={report.k2}")
+    typer.echo(f"{'':12s}{'recall@k':>10s}{'in stage 1':>12s}{'in stage 2':>12s}{'ρ stage 1':>11s}{'ρ stage 2':>11s}")
+    for name, side in (("proponents", report.proponents), ("opponents", report.opponents)):
+        typer.echo(f"{name:12s}{side.recall_at_k:10.3f}{side.stage1_recall:12.3f}{side.stage2_recall:12.3f}"
+                   f"{side.stage1_spearman:11.3f}{side.stage2_spearman:11.3f}")
+    stages = ", ".join(f"{s} {v * 1000:.1f}" for s, v in report.stage_seconds.items())
+    typer.echo(f"latency p50 {report.latency_p50 * 1000:.1f} ms, p95 {report.latency_p95 * 1000:.1f} ms (mean ms: {stages})")
+    typer.echo(f"brute-force exact: {report.brute_force_seconds * 1000:.1f} ms per query (all queries in one pass); "
+               f"p50 speed-up {report.speedup_p50:.1f}×")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

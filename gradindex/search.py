@@ -50,11 +50,11 @@ class Hit:
 class Trace:
     """Every stage's candidates and scores, for ``eval``."""
 
-    stage1_rows: np.ndarray
+    stage1_rows: np.ndarray  # in FAISS order
     stage1_scores: np.ndarray
-    stage2_rows: np.ndarray
-    stage2_scores: np.ndarray
-    exact_rows: np.ndarray
+    stage2_scores: np.ndarray  # of every stage-1 candidate
+    stage2_rows: np.ndarray  # the k2 kept
+    exact_rows: np.ndarray  # the final k
     exact_scores: np.ndarray
 
 
@@ -222,7 +222,7 @@ class GradIndex:
             timings["total"] = sum(timings.values())
             results.append(QueryResult(
                 query.prompt, query.completion, opponents, hits, timings,
-                Trace(rows1, scores1, rows2, scores2, rows2[final], exact_scores[final]) if trace else None,
+                Trace(rows1, scores1, approx, rows2, rows2[final], exact_scores[final]) if trace else None,
             ))
         return results
 

@@ -1,0 +1,166 @@
+"""What an index loses: each stage measured against brute-force exact EK-FAC scores of every row."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from .data import Query, load_queries, tokenize_queries
+from .errors import GradIndexError
+from .scores import score_preconditioned, sequence_gradients
+from .search import GradIndex
+
+_DEPTHS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+@dataclass
+class Side:
+    """Averages over queries for proponents (largest influence) or opponents (most negative)."""
+
+    recall_at_k: float  # final top-k vs exact top-k
+    stage1_recall: float  # share of the exact top-k among the k1 FAISS candidates
+    stage2_recall: float  # … among the k2 kept after low-rank rescoring
+    stage1_spearman: float  # stage-1 scores vs exact, on the k1 candidates
+    stage2_spearman: float  # stage-2 scores vs exact, on the k1 candidates
+    exact_max_rel_diff: float  # stage 3 vs brute force on the returned rows (should be ~1e-6)
+    stage1_recall_at_depth: dict[int, float]  # exact top-k inside the stage-1 top-d
+    stage2_recall_at_depth: dict[int, float]  # … inside the top-d of the k1 candidates by stage-2 score
+    per_query_recall: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    k: int
+    k1: int
+    k2: int
+    n_rows: int
+    n_queries: int
+    proponents: Side
+    opponents: Side | None
+    latency_p50: float
+    latency_p95: float
+    stage_seconds: dict[str, float]  # mean per query
+    brute_force_seconds: float  # per query, scoring all rows for all queries in one pass
+    speedup_p50: float  # brute_force_seconds / latency_p50
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def exact_scores(index: GradIndex, queries: Sequence[Query], *, damping=None, damping_scale=None, progress: bool = True) -> np.ndarray:
+    """Brute force: exact influence of every indexed row on every query, (Q, N) float32."""
+    tokenized = tokenize_queries(index.tokenizer, list(queries), index.max_query_length)
+    grads = sequence_gradients(index.model, index.factors.specs, tokenized, pad_id=index.tokenizer.pad_token_id, token_budget=index.token_budget)
+    p = {name: index.factors.precondition(name, g, damping, damping_scale) for name, g in grads.items()}
+    out = np.zeros((len(queries), index.n), np.float32)
+    for j in tqdm(range(len(index.manifest["shards"])), desc="brute-force exact scores", unit="shard", disable=not progress):
+        rows = np.arange(j * index.shard_size, min((j + 1) * index.shard_size, index.n))
+        result = score_preconditioned(index.model, index.factors.specs, p, index.tokenized(rows), pad_id=index.tokenizer.pad_token_id,
+                                      token_budget=index.token_budget, progress=False)
+        out[:, rows] = result.scores
+    return out
+
+
+def evaluate(
+    index: GradIndex,
+    queries: Sequence[Query] | str | Path,
+    k: int = 10,
+    *,
+    k1: int | None = None,
+    k2: int | None = None,
+    opponents: bool = True,
+    nprobe: int | None = None,
+    exact: np.ndarray | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Run every query through the cascade and compare each stage with brute-force exact scores."""
+    if isinstance(queries, (str, Path)):
+        queries = load_queries(queries)
+    queries = list(queries)
+    if not queries:
+        raise GradIndexError("no queries to evaluate")
+    k1, k2 = index._check_k(k, k1, k2)
+    brute_seconds = float("nan")
+    if exact is None:
+        started = time.perf_counter()
+        exact = exact_scores(index, queries, progress=progress)
+        brute_seconds = (time.perf_counter() - started) / len(queries)
+    sides, latencies, stages = {}, [], {}
+    for sign, name in ((1.0, "proponents"), (-1.0, "opponents")):
+        if sign < 0 and not opponents:
+            continue
+        rows = []
+        for q, query in enumerate(tqdm(queries, desc=f"eval {name}", disable=not progress, unit="query")):
+            result = index.query_many([query], k, k1=k1, k2=k2, opponents=sign < 0, nprobe=nprobe, trace=True)[0]
+            latencies.append(result.seconds["total"])
+            for stage, s in result.seconds.items():
+                stages.setdefault(stage, []).append(s)
+            rows.append(_measure(result.trace, sign * exact[q], k, sign))
+        sides[name] = _average(rows)
+    return EvalReport(
+        k=k, k1=k1, k2=k2, n_rows=index.n, n_queries=len(queries),
+        proponents=sides["proponents"], opponents=sides.get("opponents"),
+        latency_p50=float(np.percentile(latencies, 50)), latency_p95=float(np.percentile(latencies, 95)),
+        stage_seconds={s: float(np.mean(v)) for s, v in stages.items() if s != "total"},
+        brute_force_seconds=brute_seconds, speedup_p50=brute_seconds / float(np.percentile(latencies, 50)),
+    )
+
+
+def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
+def _measure(trace, exact: np.ndarray, k: int, sign: float) -> dict:
+    """Metrics of one query on one side; ``exact`` and the trace's scores times ``sign`` are larger-is-better."""
+    # Ties (duplicated training texts) make the exact top-k ambiguous: any row scoring at least the
+    # k-th best counts as a true member.
+    kth = exact[top_rows(exact, k)[-1]]
+    truth = set(np.nonzero(exact >= kth - 1e-6 * abs(kth))[0].tolist())
+    rows1 = trace.stage1_rows
+    by_stage2 = rows1[np.argsort(-sign * trace.stage2_scores, kind="stable")]
+    returned = exact[trace.exact_rows]
+    rel = np.max(np.abs(sign * trace.exact_scores - returned)) / max(np.max(np.abs(returned)), 1e-30)
+    return {
+        "recall_at_k": _recall(truth, trace.exact_rows, k),
+        "stage1_recall": _recall(truth, rows1, k),
+        "stage2_recall": _recall(truth, trace.stage2_rows, k),
+        "stage1_spearman": _spearman(sign * trace.stage1_scores, exact[rows1]),
+        "stage2_spearman": _spearman(sign * trace.stage2_scores, exact[rows1]),
+        "exact_max_rel_diff": float(rel),
+        "stage1_recall_at_depth": {d: _recall(truth, rows1[:d], k) for d in _DEPTHS if d <= len(rows1)},
+        "stage2_recall_at_depth": {d: _recall(truth, by_stage2[:d], k) for d in _DEPTHS if d <= len(rows1)},
+    }
+
+
+def _recall(truth: set, found: np.ndarray, k: int) -> float:
+    return min(k, len(truth & set(found.tolist()))) / k
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def _average(rows: list[dict]) -> Side:
+    def mean(key):
+        return float(np.nanmean([r[key] for r in rows]))
+
+    def depth_mean(key):
+        depths = sorted(set().union(*(r[key] for r in rows)))
+        return {d: float(np.mean([r[key][d] for r in rows if d in r[key]])) for d in depths}
+
+    return Side(
+        recall_at_k=mean("recall_at_k"), stage1_recall=mean("stage1_recall"), stage2_recall=mean("stage2_recall"),
+        stage1_spearman=mean("stage1_spearman"), stage2_spearman=mean("stage2_spearman"),
+        exact_max_rel_diff=float(np.max([r["exact_max_rel_diff"] for r in rows])),
+        stage1_recall_at_depth=depth_mean("stage1_recall_at_depth"), stage2_recall_at_depth=depth_mean("stage2_recall_at_depth"),
+        per_query_recall=[r["recall_at_k"] for r in rows],
+    )
