@@ -1,0 +1,113 @@
+"""The compressions against independent computations: explicit whitened inner products, explicit SVDs."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradindex.build import shard_gradients
+from gradindex.compress import CompressionConfig, Compressor, randomized_svd
+from gradindex.errors import GradIndexError
+from gradindex.factors import fit_factors
+from gradindex.layers import select_layers
+from gradindex.scores import compute_scores, sequence_gradients
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sets, tokenizer):
+    model = tiny_model("gpt2", width=8, dtype=torch.float64)
+    train, queries = tiny_sets
+    factors = fit_factors(model, train, select_layers(model), pad_id=tokenizer.pad_token_id, progress=False)
+    exact = compute_scores(model, factors, train, queries, pad_id=tokenizer.pad_token_id, progress=False).scores
+    rotated = {}
+    for name, data in (("queries", queries), ("train", train)):
+        grads = sequence_gradients(model, factors.specs, data, pad_id=tokenizer.pad_token_id)
+        rotated[name] = {n: factors.rotate(n, g) for n, g in grads.items()}
+    return model, factors, train, queries, exact, rotated
+
+
+def full_size(factors):
+    return max(s.d_out * s.d_in for s in factors.specs)
+
+
+def stage_scores(setup, config, tokenizer):
+    """Stage-1 and stage-2 scores of every (query, training sequence) pair, and self-influence."""
+    factors, rotated = setup[1], setup[5]
+    comp = Compressor(factors, config)
+    vectors, lowrank, self_influence = comp.compress(rotated["train"])
+    qv, whitened = comp.query_vectors(rotated["queries"])
+    stage1 = (qv @ vectors.T).numpy()
+    stage2 = comp.lowrank_scores(lowrank, whitened).numpy()
+    return stage1, stage2, self_influence.numpy()
+
+
+def test_builder_stores_what_the_compressor_computes(setup, tokenizer):
+    """The batched, padded, float16 build path against per-sequence gradients compressed directly."""
+    model, factors, train = setup[:3]
+    comp = Compressor(factors, CompressionConfig(rank=3))
+    vectors, lowrank, self_influence = shard_gradients(model, factors, comp, train, pad_id=tokenizer.pad_token_id, token_budget=64)
+    assert vectors.dtype == lowrank.dtype == np.float16 and vectors.shape == (len(train), comp.vector_dim)
+    v, f, s = comp.compress(setup[5]["train"])
+    np.testing.assert_allclose(vectors, v.numpy(), rtol=2e-3, atol=2e-3 * float(v.abs().max()))
+    np.testing.assert_allclose(self_influence, s.numpy(), rtol=1e-6)
+    lr = torch.from_numpy(lowrank).float()
+    scale = float(f.abs().max())
+    np.testing.assert_allclose(lr.numpy(), f.numpy(), rtol=2e-3, atol=2e-3 * scale)
+
+
+def test_all_top_eigenvalue_entries_at_the_exact_damping_give_exact_influence(setup, tokenizer):
+    exact = setup[4]
+    config = CompressionConfig(stage1="topl", stage1_dim=full_size(setup[1]), stage1_damping_scale=0.1, dtype="float32")
+    stage1, _, _ = stage_scores(setup, config, tokenizer)
+    np.testing.assert_allclose(stage1, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+def test_full_rank_factors_give_exact_influence_and_self_influence(setup, tokenizer):
+    model, factors, train, _, exact, _ = setup
+    rank = max(min(s.d_out, s.d_in) for s in factors.specs)
+    _, stage2, self_influence = stage_scores(setup, CompressionConfig(rank=rank, dtype="float32", power_iterations=2), tokenizer)
+    np.testing.assert_allclose(stage2, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    own = compute_scores(model, factors, train, train, pad_id=tokenizer.pad_token_id, progress=False).scores
+    np.testing.assert_allclose(self_influence, np.diag(own), rtol=1e-4)
+
+
+def test_count_sketch_is_unbiased(setup, tokenizer):
+    """Averaged over sketch seeds, the stage-1 inner product equals influence at the stage-1 damping."""
+    config = CompressionConfig(stage1="topl", stage1_dim=full_size(setup[1]), stage1_damping_scale=1.0, dtype="float32")
+    target, _, _ = stage_scores(setup, config, tokenizer)
+    mean = np.mean([stage_scores(setup, CompressionConfig(stage1_dim=16, seed=s, rank=1, dtype="float32"), tokenizer)[0] for s in range(40)], 0)
+    err = np.abs(mean - target).max() / np.abs(target).max()
+    assert err < 0.2, err  # one sketch alone is far off at 16 buckets; 40 average out
+    single = stage_scores(setup, CompressionConfig(stage1_dim=16, seed=0, rank=1, dtype="float32"), tokenizer)[0]
+    assert np.abs(single - target).max() / np.abs(target).max() > err
+
+
+def test_heavier_stage1_damping_changes_scores_but_keeps_sign_structure(setup, tokenizer):
+    exact = setup[4]
+    config = CompressionConfig(stage1="topl", stage1_dim=full_size(setup[1]), stage1_damping_scale=10.0, dtype="float32")
+    stage1, _, _ = stage_scores(setup, config, tokenizer)
+    assert not np.allclose(stage1, exact, rtol=1e-2)
+    corr = [np.corrcoef(a, b)[0, 1] for a, b in zip(stage1, exact)]
+    assert min(corr) > 0.5, corr
+
+
+def test_randomized_svd_is_the_best_rank_r_approximation_when_exact():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(5, 30, 3, generator=g, dtype=torch.float64) @ torch.randn(5, 3, 12, generator=g, dtype=torch.float64)
+    u, v = randomized_svd(low, 3)
+    torch.testing.assert_close(u @ v.mT, low)
+    wide = torch.randn(4, 7, 40, generator=g, dtype=torch.float64)
+    u, v = randomized_svd(wide, 2, power_iterations=6)
+    s = torch.linalg.svdvals(wide)
+    best = torch.sqrt((s[:, 2:] ** 2).sum(-1))
+    torch.testing.assert_close(torch.linalg.matrix_norm(wide - u @ v.mT), best, rtol=1e-3, atol=0)
+    u, v = randomized_svd(wide, 10)  # rank above the matrix size: zero-padded to a fixed width
+    assert u.shape == (4, 7, 10) and v.shape == (4, 40, 10)
+    torch.testing.assert_close(u @ v.mT, wide)
+
+
+def test_bad_compression_settings_are_refused():
+    with pytest.raises(GradIndexError, match="stage-1 scheme"):
+        CompressionConfig(stage1="pca")
+    with pytest.raises(GradIndexError, match="positive"):
+        CompressionConfig(rank=0)

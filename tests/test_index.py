@@ -1,0 +1,245 @@
+"""The index end to end on a tiny saved model: build, resume, shard and merge, query, eval, and bad input."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from gradindex import build as build_module
+from gradindex import pipeline
+from gradindex.build import build, merge
+from gradindex.compress import CompressionConfig
+from gradindex.errors import GradIndexError
+from gradindex.search import GradIndex
+from gradindex.store import shard_path
+from tiny import random_texts, tiny_model, word_tokenizer
+
+runner = CliRunner()
+N = 70
+SHARD = 16
+COMPRESSION = CompressionConfig(stage1_dim=64, rank=4)
+
+
+def build_args(ws, out, *extra):
+    return ["build", str(ws / "model"), "--data", str(ws / "train.jsonl"), "--out", str(out), "--factors", str(ws / "factors"),
+            "--stage1-dim", "64", "--rank", "4", "--shard-size", str(SHARD), *extra]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    for name, seed in (("model", 0), ("other_model", 1)):
+        tiny_model("gpt2", width=16, seed=seed).save_pretrained(root / name)
+        word_tokenizer().save_pretrained(root / name)
+    texts = random_texts(N, seed=3)
+    (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    queries = [{"prompt": "the king of the north", "completion": " wrote a book"}, {"prompt": "music by", "completion": " the old composer"}]
+    (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries))
+    pipeline.fit(str(root / "model"), str(root / "train.jsonl"), out=root / "factors", progress=False)
+    result = runner.invoke(app, build_args(root, root / "idx"))
+    assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture(scope="module")
+def index(ws):
+    return GradIndex.open(ws / "idx")
+
+
+@pytest.fixture(scope="module")
+def exact(ws):
+    return pipeline.score(ws / "model", ws / "factors", ws / "train.jsonl", ws / "queries.jsonl", progress=False).scores
+
+
+def shard_bytes(root):
+    return {p.name: p.read_bytes() for p in sorted((root / "shards").glob("*.npy"))}
+
+
+def test_manifest_describes_the_build(ws):
+    m = json.loads((ws / "idx" / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and m["n_rows"] == N and m["index"]["ntotal"] == N
+    assert len(m["shards"]) == -(-N // SHARD) and [s["rows"] for s in m["shards"]][-1] == [64, 70]
+    assert {"gradindex", "torch", "faiss", "transformers"} <= m["versions"].keys()
+    assert len(m["model_hash"]) == 32 and len(m["factors_hash"]) == 64 and m["data_rows"] == N
+    assert m["compression"]["stage1_dim"] == 64 and m["compression"]["rank"] == 4 and m["index"]["key"] == "Flat"
+    assert all(len(f["sha256"]) == 64 for s in m["shards"] for f in s["files"].values())
+    meta = pq.read_table(ws / "idx" / "shards" / "00001.meta.parquet")
+    assert meta.column("row_id").to_pylist() == list(range(16, 32))
+    texts = [json.loads(line)["text"] for line in (ws / "train.jsonl").read_text().splitlines()]
+    assert meta.column("text").to_pylist() == texts[16:32]
+    assert runner.invoke(app, ["verify", str(ws / "idx")]).exit_code == 0
+    info = runner.invoke(app, ["info", str(ws / "idx")])
+    assert info.exit_code == 0 and "70 sequences" in info.output
+
+
+def test_exhaustive_cascade_returns_the_exact_top_k_with_the_exact_scores(index, exact, ws):
+    queries = [json.loads(line) for line in (ws / "queries.jsonl").read_text().splitlines()]
+    for q, row in zip(queries, exact):
+        for opponents, order in ((False, np.argsort(-row)), (True, np.argsort(row))):
+            result = index.query(q["prompt"], q["completion"], k=5, k1=N, k2=N, opponents=opponents)
+            assert [h.row for h in result.hits] == order[:5].tolist()
+            np.testing.assert_allclose([h.score for h in result.hits], row[order[:5]], rtol=1e-5)
+
+
+def test_default_cascade_scores_are_exact_and_breakdowns_add_up(index, exact, ws):
+    result = index.query("the king of the north", " wrote a book", k=4, k1=30, k2=10, per_token=True)
+    assert len(result.hits) == 4 and result.seconds["total"] > 0
+    scores = [h.score for h in result.hits]
+    assert scores == sorted(scores, reverse=True)
+    for h in result.hits:
+        assert h.score == pytest.approx(float(exact[0, h.row]), rel=1e-5)
+        assert sum(h.per_layer.values()) == pytest.approx(h.score, rel=1e-4)
+        assert sum(h.token_scores) == pytest.approx(h.score, rel=1e-3, abs=1e-6)
+        assert len(h.tokens) == len(h.token_scores)
+        assert h.text == json.loads((ws / "train.jsonl").read_text().splitlines()[h.row])["text"]
+
+
+def test_cosine_scores_are_normalised(index):
+    result = index.query("the king of the north", " wrote a book", k=3, k1=N, k2=N, cosine=True)
+    assert all(-1.0 - 1e-3 <= h.score <= 1.0 + 1e-3 for h in result.hits)
+
+
+def test_eval_reports_perfect_recall_when_stages_are_exhaustive(ws):
+    result = runner.invoke(app, ["eval", str(ws / "idx"), "--queries", str(ws / "queries.jsonl"), "-k", "5", "--k1", str(N), "--k2", str(N), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for side in ("proponents", "opponents"):
+        assert report[side]["recall_at_k"] == 1.0 and report[side]["stage1_recall"] == 1.0
+        assert report[side]["exact_max_rel_diff"] < 1e-4
+    assert report["latency_p50"] > 0 and report["brute_force_seconds"] > 0
+
+
+def test_query_cli_json_and_text(ws):
+    args = ["query", str(ws / "idx"), "--prompt", "music by", "--completion", " the old composer", "-k", "3"]
+    result = runner.invoke(app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(payload["hits"]) == 3 and {"row", "score", "approx_score", "text", "per_layer"} <= payload["hits"][0].keys()
+    text = runner.invoke(app, args + ["--opponents"])
+    assert text.exit_code == 0 and "opponents" in text.output
+    batch = runner.invoke(app, ["query", str(ws / "idx"), "--queries", str(ws / "queries.jsonl"), "-k", "2", "--json"])
+    assert batch.exit_code == 0 and len(batch.stdout.strip().splitlines()) == 2
+
+
+def test_killed_build_resumes_to_the_same_rows(ws, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    real = build_module._build_shard
+    calls = []
+
+    def dies_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_build_shard", dies_on_third)
+    result = runner.invoke(app, build_args(ws, out))
+    assert result.exit_code == 130 and not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / "shards").glob("*.json")) == ["00000.json", "00001.json"]
+    opened = runner.invoke(app, ["query", str(out), "--prompt", "music by", "--completion", " the old composer"])
+    assert opened.exit_code == 2 and "incomplete (2 of 5 shards built" in opened.output
+    monkeypatch.setattr(build_module, "_build_shard", real)
+    calls.clear()
+    assert runner.invoke(app, build_args(ws, out)).exit_code == 0
+    assert shard_bytes(out) == shard_bytes(ws / "idx")
+    assert json.loads((out / "manifest.json").read_text())["n_rows"] == N
+
+
+def test_parts_merge_into_the_same_index(ws, tmp_path):
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        result = runner.invoke(app, build_args(ws, part, "--shard", f"{i}/2"))
+        assert result.exit_code == 0, result.output
+        assert not (part / "manifest.json").exists()
+    missing = runner.invoke(app, ["merge", str(parts[0]), "--out", str(tmp_path / "half")])
+    assert missing.exit_code == 2 and "not built yet" in missing.output
+    result = runner.invoke(app, ["merge", *map(str, parts), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert shard_bytes(tmp_path / "merged") == shard_bytes(ws / "idx")
+    merged = GradIndex.open(tmp_path / "merged").query("music by", " the old composer", k=3, k1=N, k2=N)
+    full = GradIndex.open(ws / "idx").query("music by", " the old composer", k=3, k1=N, k2=N)
+    assert [h.row for h in merged.hits] == [h.row for h in full.hits]
+
+
+def test_index_types_are_chosen_by_memory_and_overridable(ws, tmp_path):
+    from gradindex.ann import choose_key
+
+    assert choose_key(1000, 512, 4 * 2**30) == "Flat"
+    assert choose_key(10**6, 4096, 4 * 2**30).startswith("IVF") and "SQ8" in choose_key(10**6, 4096, 4 * 2**30)
+    assert "PQ" in choose_key(10**7, 4096, 4 * 2**30)
+    result = runner.invoke(app, build_args(ws, tmp_path / "ivf", "--index-key", "IVF2,Flat"))
+    assert result.exit_code == 0, result.output
+    hits = GradIndex.open(tmp_path / "ivf").query("music by", " the old composer", k=3, k1=N, k2=N, nprobe=2).hits
+    full = GradIndex.open(ws / "idx").query("music by", " the old composer", k=3, k1=N, k2=N).hits
+    assert [h.row for h in hits] == [h.row for h in full]
+    bad = runner.invoke(app, build_args(ws, tmp_path / "bad", "--index-key", "NoSuchIndex"))
+    assert bad.exit_code == 2 and "faiss cannot make index" in bad.output
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "71"])
+def test_bad_k_is_refused(ws, k):
+    result = runner.invoke(app, ["query", str(ws / "idx"), "--prompt", "music by", "--completion", " the", "-k", k])
+    assert result.exit_code == 2 and "k" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("prompt,completion,message", [("", " the", "empty prompt"), ("music", "  ", "empty completion")])
+def test_empty_query_parts_are_refused(ws, prompt, completion, message):
+    result = runner.invoke(app, ["query", str(ws / "idx"), "--prompt", prompt, "--completion", completion])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_missing_half_written_newer_and_corrupt_indexes_are_refused(ws, tmp_path):
+    import shutil
+
+    def query(path):
+        return runner.invoke(app, ["query", str(path), "--prompt", "music by", "--completion", " the"])
+
+    assert "no index at" in query(tmp_path / "nowhere").output
+    copy = tmp_path / "copy"
+    shutil.copytree(ws / "idx", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    newer = query(copy)
+    assert newer.exit_code == 2 and "schema version 99" in newer.output
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    path = shard_path(copy, 2, "lowrank")
+    path.write_bytes(path.read_bytes()[:-10])
+    truncated = query(copy)
+    assert truncated.exit_code == 2 and "truncated or corrupt" in truncated.output
+    data = bytearray((ws / "idx" / path.relative_to(copy)).read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    verify = runner.invoke(app, ["verify", str(copy)])
+    assert verify.exit_code == 1 and "00002.lowrank.npy: sha256 differs" in verify.output
+    (copy / "manifest.json").unlink()
+    assert "no manifest.json" in query(copy).output or "no index" in query(copy).output
+
+
+def test_mismatched_model_is_refused(ws):
+    result = runner.invoke(app, ["query", str(ws / "idx"), "--model", str(ws / "other_model"), "--prompt", "music by", "--completion", " the"])
+    assert result.exit_code == 2 and "another model" in result.output
+
+
+def test_bad_build_input_loses_nothing(ws, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    args = build_args(ws, tmp_path / "x")
+    args[args.index("--data") + 1] = str(bad)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "not valid UTF-8" in result.output
+    before = shard_bytes(ws / "idx")
+    other = runner.invoke(app, build_args(ws, ws / "idx")[:-2] + ["--shard-size", "8"])
+    assert other.exit_code == 2 and "different shard_size" in other.output
+    assert shard_bytes(ws / "idx") == before and (ws / "idx" / "manifest.json").exists()
+    bad_shard = runner.invoke(app, build_args(ws, tmp_path / "y", "--shard", "3/2"))
+    assert bad_shard.exit_code == 2 and "shard" in bad_shard.output
+
+
+def test_python_build_fits_factors_when_none_are_given(ws, tmp_path):
+    out = build(str(ws / "model"), str(ws / "train.jsonl"), tmp_path / "fitted", compression=COMPRESSION, shard_size=32, progress=False)
+    assert (out / "factors" / "factors.safetensors").exists() and (out / "manifest.json").exists()
+    with pytest.raises(GradIndexError, match="nothing to merge"):
+        merge([], tmp_path / "none")
