@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -181,7 +182,7 @@ def build(
     )
     if part is not None:
         typer.echo(f"built part {part[0]}/{part[1]} in {out}; join the parts with `gradindex merge`")
-    elif (out / "manifest.json").is_file():
+    elif (out / "manifest.json").is_file() and os.environ.get("RANK", "0") == "0":
         _print_info(out)
 
 

@@ -1,8 +1,8 @@
 """The embedded example, end to end and offline: train (or reuse) a tiny GPT-2 on Python's own docstrings
-plus planted facts about invented entities, fit EK-FAC factors, and ask which training sequences
-support a few of those facts.
+plus planted facts about invented entities, fit EK-FAC factors, build an influence index under
+``indexes/``, and ask it which training sequences support a few of those facts.
 
-    python examples/demo.py [--quick] [--queries 5] [--top 5]
+    python examples/demo.py [--quick] [--queries 5] [--top 5] [--check]
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from example_data import prepare_example  # noqa: E402
 from gradindex import Factors, Query, pipeline  # noqa: E402
+from gradindex.build import build  # noqa: E402
 from gradindex.errors import GradIndexError  # noqa: E402
 from gradindex.model import load_model, model_fingerprint  # noqa: E402
+from gradindex.search import GradIndex  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cached_factors(model, tokenizer, train_path: Path, out: Path, max_length: int) -> Factors:
@@ -42,32 +46,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the smaller variant used by the tests")
     parser.add_argument("--queries", type=int, default=5, help="how many planted-fact queries to ask")
-    parser.add_argument("--top", type=int, default=5, help="training sequences shown per query")
-    parser.add_argument("--cache", default="examples/.cache", help="where the model and factors are kept")
+    parser.add_argument("--top", type=int, default=5, help="distinct training texts shown per query")
+    parser.add_argument("--cache", default=str(ROOT / "examples" / ".cache"), help="where the model and factors are kept")
+    parser.add_argument("--index", default=None, help="index folder (default: indexes/example[-quick])")
+    parser.add_argument("--check", action="store_true", help="also score every training sequence exactly and compare")
     args = parser.parse_args()
 
     example = prepare_example(args.cache, quick=args.quick)
     model, tokenizer = load_model(str(example.model_dir))
-    factors = cached_factors(model, tokenizer, example.train_path, example.model_dir / "factors", example.max_length)
-    texts = [json.loads(line)["text"] for line in example.train_path.read_text().splitlines()]
+    factors_dir = example.model_dir / "factors"
+    cached_factors(model, tokenizer, example.train_path, factors_dir, example.max_length)
+    index_dir = Path(args.index or ROOT / "indexes" / ("example-quick" if args.quick else "example"))
+    started = time.perf_counter()
+    build(model, example.train_path, index_dir, factors=factors_dir, tokenizer=tokenizer, max_length=example.max_length)
+    print(f"index ready in {index_dir} ({time.perf_counter() - started:.1f}s)", file=sys.stderr)
+
+    index = GradIndex.open(index_dir, model=model, tokenizer=tokenizer)
     rows = [json.loads(line) for line in example.queries_path.read_text().splitlines()][: args.queries]
     queries = [Query(r["prompt"], r["completion"]) for r in rows]
-
-    started = time.perf_counter()
-    result = pipeline.score(model, factors, example.train_path, queries, tokenizer=tokenizer, max_length=example.max_length, progress=False)
-    print(f"exact EK-FAC scores for {len(queries)} queries × {len(texts)} training sequences in {time.perf_counter() - started:.1f}s\n")
-    for query, scores in zip(queries, result.scores):
-        print(f"{query.prompt!r} → {query.completion!r}")
-        # The planted sentences occur several times each: show each distinct text once, with its copies.
-        shown: dict[str, list[int]] = {}
-        for row in np.argsort(-scores):
-            shown.setdefault(texts[row], []).append(int(row))
-            if len(shown) > args.top:
-                break
-        for rank, (text, rows) in enumerate(list(shown.items())[: args.top], 1):
-            copies = f" ×{len(rows)}" if len(rows) > 1 else ""
-            print(f"  {rank}. {scores[rows[0]]:+10.4g}  row {rows[0]:5d}{copies:4}  {text[:90]!r}")
+    # The planted sentences occur several times each: ask for enough rows to show `top` distinct texts.
+    results = index.query_many(queries, k=min(index.n, 6 * args.top))
+    for r in results:
+        print(f"{r.prompt!r} → {r.completion!r}   ({r.seconds['total'] * 1000:.0f} ms)")
+        shown: dict[str, list] = {}
+        for hit in r.hits:
+            shown.setdefault(hit.text, []).append(hit)
+        for rank, (text, hits) in enumerate(list(shown.items())[: args.top], 1):
+            copies = f" ×{len(hits)}" if len(hits) > 1 else ""
+            print(f"  {rank}. {hits[0].score:+10.4g}  row {hits[0].row:5d}{copies:4}  {text[:90]!r}")
         print()
+    if args.check:
+        exact = pipeline.score(model, factors_dir, example.train_path, queries, tokenizer=tokenizer, max_length=example.max_length, progress=False).scores
+        for r, scores in zip(results, exact):
+            top = set(np.argsort(-scores)[: len(r.hits)].tolist())
+            found = len(top & {h.row for h in r.hits}) / len(r.hits)
+            print(f"recall of the exact top-{len(r.hits)} for {r.prompt!r}: {found:.2f}")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,8 @@ def build(
         )
     if leader and existing is None:
         save_build_config(out, config)
+    if shard is None and _complete(out, index_key):
+        return out  # already built with these settings: nothing to redo
 
     compressor = Compressor(loaded, compression)
     mine = [j for j in range(config.n_shards) if shard is None or j % shard[1] == shard[0]]
@@ -128,7 +130,16 @@ def build(
         finalize(out, max_memory=max_memory, index_key=index_key, progress=progress)
     if distributed:
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return out
+
+
+def _complete(out: Path, index_key: str | None) -> bool:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return index_key is None or manifest["index"]["key"] == index_key
 
 
 def _torchrun_part() -> tuple[int, int] | None:

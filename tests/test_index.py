@@ -1,6 +1,10 @@
 """The index end to end on a tiny saved model: build, resume, shard and merge, query, eval, and bad input."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +22,7 @@ from gradindex.store import shard_path
 from tiny import random_texts, tiny_model, word_tokenizer
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
 N = 70
 SHARD = 16
 COMPRESSION = CompressionConfig(stage1_dim=64, rank=4)
@@ -162,6 +167,21 @@ def test_parts_merge_into_the_same_index(ws, tmp_path):
     merged = GradIndex.open(tmp_path / "merged").query("music by", " the old composer", k=3, k1=N, k2=N)
     full = GradIndex.open(ws / "idx").query("music by", " the old composer", k=3, k1=N, k2=N)
     assert [h.row for h in merged.hits] == [h.row for h in full.hits]
+
+
+def test_torchrun_ranks_build_the_same_index(ws, tmp_path):
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.main", *build_args(ws, out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # One thread per rank here vs the test process's threads: float16 values may differ by one unit in the last place.
+    for j in range(-(-N // SHARD)):
+        for kind in ("vectors", "lowrank"):
+            a, b = (np.load(shard_path(root, j, kind)).astype(np.float32) for root in (out, ws / "idx"))
+            np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(b).max())
+        assert pq.read_table(shard_path(out, j, "meta")).drop(["self_influence"]).equals(
+            pq.read_table(shard_path(ws / "idx", j, "meta")).drop(["self_influence"]))
+    assert json.loads((out / "manifest.json").read_text())["n_rows"] == N
 
 
 def test_index_types_are_chosen_by_memory_and_overridable(ws, tmp_path):
