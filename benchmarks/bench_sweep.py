@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="the small example (CI-sized)")
     parser.add_argument("--n-text-queries", type=int, default=40)
+    parser.add_argument("--power-iterations", type=int, default=CompressionConfig.power_iterations)
+    parser.add_argument("--stage2-only", action="store_true", help="only the first stage-1 setting, with every rank")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,8 +62,8 @@ def main() -> None:
     grads = sequence_gradients(model, factors.specs, query_set, pad_id=pad)
     rotated = {n: factors.rotate(n, g).float() for n, g in grads.items()}
     rows = []
-    base = CompressionConfig(rank=max(RANKS))
-    for scheme, dim, damping in STAGE1:
+    base = CompressionConfig(rank=max(RANKS), power_iterations=args.power_iterations)
+    for scheme, dim, damping in STAGE1[:1] if args.stage2_only else STAGE1:
         config = replace(base, stage1=scheme, stage1_dim=dim, stage1_damping_scale=damping)
         comp = Compressor(factors, config)
         t = time.perf_counter()
@@ -75,7 +77,7 @@ def main() -> None:
                 sub = Compressor(factors, replace(base, rank=rank))
                 keep = _truncate(lowrank, factors, base.rank, rank)
                 s2 = np.concatenate([sub.lowrank_scores(torch.from_numpy(keep[i : i + 256]), whitened).numpy() for i in range(0, len(keep), 256)], 1)
-                rows.append(_row(f"stage 2 rank {rank}", sub.factor_dim * 2, s2, exact, kind_of, float("nan")))
+                rows.append(_row(f"stage 2 rank {rank}, {args.power_iterations} power iterations", sub.factor_dim * 2, s2, exact, kind_of, float("nan")))
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:

@@ -11,7 +11,9 @@ from typing import Optional
 import numpy as np
 import typer
 
+from gradindex.compress import CompressionConfig
 from gradindex.data import DEFAULT_TOKEN_BUDGET
+from gradindex.search import DEFAULT_K1, DEFAULT_K2
 from gradindex.errors import GradIndexError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Which training sequences made the model say this?")
@@ -123,8 +125,9 @@ def scores(
 
 
 IndexArg = typer.Argument(..., help="Index folder written by `gradindex build`.")
-K1Opt = typer.Option(None, "--k1", help="Stage-1 (FAISS) candidates (default 1000).")
-K2Opt = typer.Option(None, "--k2", help="Stage-2 (low-rank) survivors rescored exactly (default 100).")
+K1Opt = typer.Option(None, "--k1", help=f"Stage-1 (FAISS) candidates (default {DEFAULT_K1}).")
+K2Opt = typer.Option(None, "--k2", help=f"Stage-2 (low-rank) survivors rescored exactly (default {DEFAULT_K2}).")
+_C = CompressionConfig()
 
 
 def _parse_size(text: str) -> int:
@@ -156,10 +159,10 @@ def build(
     text_field: str = TextFieldOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted, else the model's context)."),
     modules: str = typer.Option("mlp", "--modules", help="Layers, when fitting factors here: 'mlp', 'all' or a regex."),
-    stage1: str = typer.Option("sketch", "--stage1", help="Stage-1 vectors: 'sketch' (CountSketch) or 'topl' (entries of largest eigenvalue)."),
-    stage1_dim: int = typer.Option(2048, "--stage1-dim", help="Stage-1 entries per layer."),
-    stage1_damping_scale: float = typer.Option(1.0, "--stage1-damping-scale", help="Stage-1 whitening damping, × mean eigenvalue (heavier than exact scoring's)."),
-    rank: int = typer.Option(16, "--rank", help="Stage-2 rank of each layer's whitened gradient."),
+    stage1: str = typer.Option(_C.stage1, "--stage1", help="Stage-1 vectors: 'sketch' (CountSketch) or 'topl' (entries of largest eigenvalue)."),
+    stage1_dim: int = typer.Option(_C.stage1_dim, "--stage1-dim", help="Stage-1 entries per layer."),
+    stage1_damping_scale: float = typer.Option(_C.stage1_damping_scale, "--stage1-damping-scale", help="Stage-1 whitening damping, × mean eigenvalue (heavier than exact scoring's)."),
+    rank: int = typer.Option(_C.rank, "--rank", help="Stage-2 rank of each layer's whitened gradient."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sketch and the randomized SVD."),
     shard_size: int = typer.Option(4096, "--shard-size", help="Rows per shard: the unit of resumption."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Build only part i of n (i/n); join the parts with `gradindex merge`."),

@@ -28,11 +28,11 @@ class CompressionConfig:
     """How each training gradient is compressed; saved in the index manifest."""
 
     stage1: str = "sketch"  # "sketch" (CountSketch of all entries) or "topl" (entries of largest Λ)
-    stage1_dim: int = 2048  # per layer: sketch buckets, or number of top-Λ entries kept
+    stage1_dim: int = 1024  # per layer: sketch buckets, or number of top-Λ entries kept
     stage1_damping_scale: float = 1.0  # λ₁ = this × mean Λ: heavier than the exact default 0.1
     rank: int = 16  # stage 2: rank of each layer's factorisation
     stage2_damping_scale: float | None = None  # None: the factors' own default (what exact scoring uses)
-    power_iterations: int = 1  # randomised SVD; one pass is close to the optimal rank-r error
+    power_iterations: int = 0  # randomised SVD; one more pass costs 20 % of build speed for no measured recall
     seed: int = 0
     dtype: str = "float16"  # storage dtype of vectors and factors
 
@@ -54,7 +54,7 @@ class Compressor:
     def __init__(self, factors: Factors, config: CompressionConfig):
         self.config = config
         self.specs = factors.specs
-        self._inv1, self._inv2, self._select, self._sign = {}, {}, {}, {}
+        self._inv1, self._inv2, self._select = {}, {}, {}
         generator = torch.Generator().manual_seed(config.seed)
         for spec in self.specs:
             lam = factors.layers[spec.name].lam.double()
@@ -68,7 +68,8 @@ class Compressor:
                 self._select[spec.name] = torch.topk(lam.flatten(), dim).indices.sort().values
             else:
                 self._select[spec.name] = torch.randint(0, dim, (size,), generator=generator)
-                self._sign[spec.name] = torch.randint(0, 2, (size,), generator=generator).float() * 2 - 1
+                sign = torch.randint(0, 2, (size,), generator=generator).float() * 2 - 1
+                self._inv1[spec.name] = self._inv1[spec.name] * sign  # the sketch's signs ride on the whitening
         self.layer_dims = {s.name: min(config.stage1_dim, s.d_out * s.d_in) for s in self.specs}
         self.vector_dim = sum(self.layer_dims.values())
         self.factor_dim = config.rank * sum(s.d_out + s.d_in for s in self.specs)
@@ -87,7 +88,7 @@ class Compressor:
         if self.config.stage1 == "topl":
             return w[:, select]
         out = torch.zeros(w.shape[0], self.layer_dims[name], device=w.device)
-        return out.index_add_(1, select, w * self._to(self._sign, name, rotated))
+        return out.index_add_(1, select, w)
 
     def whiten2(self, name: str, rotated: torch.Tensor) -> torch.Tensor:
         """W(G) with the stage-2 damping, (B, d_out, d_in) float32."""
@@ -106,7 +107,7 @@ class Compressor:
             g = rotated[spec.name]
             vectors.append(self.stage1(spec.name, g))
             w = self.whiten2(spec.name, g)
-            self_influence = self_influence + w.square().sum((1, 2)).double()
+            self_influence = self_influence + torch.linalg.vector_norm(w, dim=(1, 2)).double().square()
             lowrank.append(self.lowrank(w))
         return torch.cat(vectors, 1), torch.cat(lowrank, 1), self_influence
 
@@ -133,7 +134,7 @@ class Compressor:
 
 
 def randomized_svd(w: torch.Tensor, rank: int, power_iterations: int = 1, oversample: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched rank-``rank`` factors (U·diag(s), V) of (B, m, n) matrices, Halko et al. 2011.
+    """Batched rank-``rank`` factors (L, R) with L Rᵀ ≈ each (B, m, n) matrix, Halko et al. 2011.
 
     torch.svd_lowrank does the same but is ~2× slower on stacks of small matrices; a full SVD is ~5×.
     """
@@ -148,10 +149,15 @@ def randomized_svd(w: torch.Tensor, rank: int, power_iterations: int = 1, oversa
     for _ in range(power_iterations):
         y = w @ (w.mT @ torch.linalg.qr(y).Q)
     q = torch.linalg.qr(y).Q
-    u, s, vh = torch.linalg.svd(q.mT @ w, full_matrices=False)
-    r = min(rank, s.shape[-1])
-    left = (q @ u[..., :r]) * s[..., None, :r]
-    right = vh[..., :r, :].mT
+    small = q.mT @ w  # (k, n): W ≈ Q · small
+    # The top singular vectors of `small` from the eigenvectors of its k × k Gram matrix: batched eigh of
+    # tiny matrices is several times faster than batched SVD, and the discarded tail is what loses precision.
+    _, vectors = torch.linalg.eigh(small @ small.mT)
+    r = min(rank, k)
+    top = vectors.flip(-1)[..., :r]
+    top = top * torch.sign(top.sum(-2, keepdim=True) + 1e-30)  # eigenvector signs are arbitrary: fix them
+    left = q @ top  # orthonormal columns
+    right = small.mT @ top  # V·diag(s)
     if r < rank:  # matrices smaller than the rank: pad with zero factors to keep a fixed width
         left = torch.nn.functional.pad(left, (0, rank - r))
         right = torch.nn.functional.pad(right, (0, rank - r))

@@ -27,7 +27,7 @@ from .scores import score_preconditioned, sequence_gradients
 from .store import FACTORS_DIR, INDEX_FILE, check_sizes, load_manifest, shard_path
 
 DEFAULT_K1 = 1000
-DEFAULT_K2 = 100
+DEFAULT_K2 = 50
 
 
 @dataclass

@@ -5,15 +5,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gradindex import Query, pipeline
+from gradindex.build import build
+from gradindex.evaluate import evaluate
+from gradindex.search import GradIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from example_data import prepare_example  # noqa: E402
 
 
-def test_fact_queries_rank_their_planted_sentences_first(tmp_path_factory):
-    example = prepare_example(tmp_path_factory.mktemp("example"), quick=True)
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    return prepare_example(tmp_path_factory.mktemp("example"), quick=True)
+
+
+def test_fact_queries_rank_their_planted_sentences_first(example):
     texts = [json.loads(line)["text"] for line in example.train_path.read_text().splitlines()]
     rows = [json.loads(line) for line in example.queries_path.read_text().splitlines()][:8]
     factors = pipeline.fit(example.model_dir, example.train_path, max_length=example.max_length, progress=False)
@@ -25,3 +33,15 @@ def test_fact_queries_rank_their_planted_sentences_first(tmp_path_factory):
         top = [texts[i] for i in np.argsort(-scores)[:3]]
         hits += any(answer in t for t in top)
     assert hits >= 7, f"only {hits} of 8 fact queries have a supporting sentence in their top 3"
+
+
+def test_index_with_default_settings_keeps_the_exact_top10_on_the_example(example, tmp_path):
+    """The cascade at its default compression, k1 and k2, against brute force: facts and text queries."""
+    rows = [json.loads(line) for line in example.queries_path.read_text().splitlines()][:6]
+    texts = [json.loads(line)["text"] for line in example.train_path.read_text().splitlines()]
+    queries = [Query(r["prompt"], r["completion"]) for r in rows]
+    queries += [Query(" ".join(t.split()[:8]), " " + " ".join(t.split()[8:12])) for t in texts[:400:50] if len(t.split()) > 12]
+    build(example.model_dir, example.train_path, tmp_path / "idx", max_length=example.max_length, progress=False)
+    report = evaluate(GradIndex.open(tmp_path / "idx"), queries, k=10, k1=300, progress=False)
+    assert report.proponents.recall_at_k >= 0.95 and report.opponents.recall_at_k >= 0.95, report
+    assert report.proponents.exact_max_rel_diff < 1e-4
