@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--work", default="indexes/bench100k")
     parser.add_argument("--stage1-dim", type=int, default=CompressionConfig.stage1_dim)
     parser.add_argument("--rank", type=int, default=CompressionConfig.rank)
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: settings,index_types,growth")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: index_types")
+    parser.add_argument("--only-index-types", action="store_true", help="re-run only the index-type comparison of a finished run")
     parser.add_argument("--out", default="benchmarks/results/index100k.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,6 +77,14 @@ def main() -> None:
         fit(model, sample, tokenizer=tokenizer, max_length=art.max_length, out=factors_dir)
         report["fit_seconds"] = time.perf_counter() - t
     index_dir = work / "index"
+    if args.only_index_types:
+        report = json.loads(Path(args.out).read_text())
+        index = GradIndex.open(index_dir, model=model, tokenizer=tokenizer)
+        kinds = {"fact": load_queries(art.fact_queries_path), "text": load_queries(art.text_queries_path)}
+        kind_of = np.array([k for k, qs in kinds.items() for _ in qs])
+        report["index_types"] = index_types(index, [q for qs in kinds.values() for q in qs], kind_of, np.load(work / "exact.npy"))
+        _save(report, args.out)
+        return
     compression = CompressionConfig(stage1_dim=args.stage1_dim, rank=args.rank)
     t = time.perf_counter()
     build(model, data, index_dir, factors=factors_dir, tokenizer=tokenizer, max_length=art.max_length, compression=compression)
@@ -291,7 +300,7 @@ def index_types(index: GradIndex, queries, kind_of, exact) -> list[dict]:
     out = []
     for key in keys:
         t = time.perf_counter()
-        idx = ann.build_index(key, dim, n, lambda: (v.astype(np.float32) for v in vectors), sample, seed=0)
+        idx, max_norm = ann.build_index(key, dim, n, lambda: (v.astype(np.float32) for v in vectors), sample, seed=0)
         build_seconds = time.perf_counter() - t
         row = {"key": key, "build_seconds": build_seconds, "bytes_per_sequence": idx.sa_code_size() if hasattr(idx, "sa_code_size") else None}
         for nprobe in ([None] if not key.startswith("IVF") else [nlist // 16, nlist // 4]):
@@ -299,7 +308,7 @@ def index_types(index: GradIndex, queries, kind_of, exact) -> list[dict]:
                 lat, rec = [], []
                 for q in range(len(queries)):
                     t = time.perf_counter()
-                    _, rows = ann.search(idx, sign * qv[q : q + 1], 1000, nprobe)
+                    _, rows = ann.search(idx, sign * qv[q : q + 1], 1000, nprobe, max_norm)
                     lat.append(time.perf_counter() - t)
                     rec.append(recall(truth_of(sign * exact[q]), rows[0][rows[0] >= 0]))
                 rec = np.array(rec)
