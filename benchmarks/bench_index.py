@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,9 @@ import torch
 from benchmarks.bench_corpus import prepare_benchmark
 from gradindex import ann
 from gradindex.build import build
-from gradindex.compress import CompressionConfig, Compressor
+from gradindex.compress import CompressionConfig
 from gradindex.data import Query, collate, load_queries, plan_batches, tokenize_texts
-from gradindex.evaluate import exact_scores
+from gradindex.evaluate import exact_scores, true_top
 from gradindex.model import load_model
 from gradindex.pipeline import fit
 from gradindex.search import GradIndex
@@ -51,7 +50,10 @@ def main() -> None:
     parser.add_argument("--stage1-dim", type=int, default=CompressionConfig.stage1_dim)
     parser.add_argument("--rank", type=int, default=CompressionConfig.rank)
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: index_types")
-    parser.add_argument("--only-index-types", action="store_true", help="re-run only the index-type comparison of a finished run")
+    parser.add_argument("--only", default="", help="re-run sections of a finished run: cascade,settings,index_types")
+    parser.add_argument("--k1", type=int, default=None, help="cascade k1 (default: the library's)")
+    parser.add_argument("--k2", type=int, default=None, help="cascade k2 (default: the library's)")
+    parser.add_argument("--query-rank", type=int, default=None, help="cascade stage-2 rank (default: the built one)")
     parser.add_argument("--out", default="benchmarks/results/index100k.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,13 +79,23 @@ def main() -> None:
         fit(model, sample, tokenizer=tokenizer, max_length=art.max_length, out=factors_dir)
         report["fit_seconds"] = time.perf_counter() - t
     index_dir = work / "index"
-    if args.only_index_types:
+    if args.only:  # re-run some sections of a finished run, keeping the rest of its report
         report = json.loads(Path(args.out).read_text())
         index = GradIndex.open(index_dir, model=model, tokenizer=tokenizer)
         kinds = {"fact": load_queries(art.fact_queries_path), "text": load_queries(art.text_queries_path)}
+        queries = [q for qs in kinds.values() for q in qs]
         kind_of = np.array([k for k, qs in kinds.items() for _ in qs])
-        report["index_types"] = index_types(index, [q for qs in kinds.values() for q in qs], kind_of, np.load(work / "exact.npy"))
-        _save(report, args.out)
+        exact = np.load(work / "exact.npy")
+        if "cascade" in args.only:
+            report["cascade"] = cascade(index, queries, kind_of, exact, report["brute_force_single_query_seconds"], args.k1, args.k2, args.query_rank)
+            _save(report, args.out)
+        if "settings" in args.only or "growth" in args.only:
+            report["settings"], stage1, stage2 = settings_sweep(index, queries, kind_of, exact)
+            report["growth"] = growth(index, kind_of, exact, stage1, stage2, [int(s) for s in args.sizes.split(",")])
+            _save(report, args.out)
+        if "index_types" in args.only:
+            report["index_types"] = index_types(index, queries, kind_of, exact)
+            _save(report, args.out)
         return
     compression = CompressionConfig(stage1_dim=args.stage1_dim, rank=args.rank)
     t = time.perf_counter()
@@ -116,7 +128,7 @@ def main() -> None:
     report["brute_force_single_query_seconds"] = single_query_brute_force(index, queries[0], rows=8192)
     print("brute force per single query (s):", report["brute_force_single_query_seconds"], flush=True)
 
-    report["cascade"] = cascade(index, queries, kind_of, exact, report["brute_force_single_query_seconds"])
+    report["cascade"] = cascade(index, queries, kind_of, exact, report["brute_force_single_query_seconds"], args.k1, args.k2, args.query_rank)
     print(json.dumps(report["cascade"]), flush=True)
     report["settings"], stage1, stage2 = settings_sweep(index, queries, kind_of, exact)
     _save(report, args.out)
@@ -164,21 +176,20 @@ def single_query_brute_force(index: GradIndex, query: Query, rows: int) -> float
 
 
 def truth_of(exact_row: np.ndarray, k: int = K) -> set:
-    kth = -np.partition(-exact_row, k - 1)[k - 1]
-    return set(np.nonzero(exact_row >= kth - 1e-6 * abs(kth))[0].tolist())
+    return true_top(exact_row, k)
 
 
 def recall(truth: set, found, k: int = K) -> float:
     return min(k, len(truth & set(np.asarray(found).tolist()))) / k
 
 
-def cascade(index: GradIndex, queries, kind_of, exact, brute_single: float) -> dict:
-    """The real query path with default k1/k2, per kind and side."""
-    out = {}
+def cascade(index: GradIndex, queries, kind_of, exact, brute_single: float, k1=None, k2=None, rank=None) -> dict:
+    """The real query path (default k1/k2/rank unless given), per kind and side."""
+    out = {"k1": k1, "k2": k2, "rank": rank}
     for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
         latencies, recalls, stages = [], [], {}
         for q, query in enumerate(queries):
-            r = index.query_many([query], K, opponents=sign < 0)[0]
+            r = index.query_many([query], K, k1=k1, k2=k2, rank=rank, opponents=sign < 0)[0]
             latencies.append(r.seconds["total"])
             for s, v in r.seconds.items():
                 stages.setdefault(s, []).append(v)
@@ -236,15 +247,14 @@ def settings_sweep(index: GradIndex, queries, kind_of, exact):
         out["stage1"].append(row)
     print(json.dumps(out["stage1"]), flush=True)
     k1_max = 3000
-    ranks = [r for r in (8, 16) if r <= cfg.rank]
+    ranks = [r for r in (4, 8, 16) if r <= cfg.rank]
     stage2_scores = {}
     for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
         for q in range(len(queries)):
             cand = np.argsort(-sign * stage1[1][q], kind="stable")[:k1_max]
             lowrank = index.lowrank(cand)
             for r in ranks:
-                sub = Compressor(index.factors, replace(cfg, rank=r))
-                s2 = sub.lowrank_scores(truncate(lowrank, comp, r), {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
+                s2 = comp.lowrank_scores(lowrank[:, : r * comp.component_dim], {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
                 stage2_scores[(side, q, r)] = (cand, s2)
     for r in ranks:
         for k1 in (500, 1000, 2000, 3000):
@@ -266,16 +276,6 @@ def settings_sweep(index: GradIndex, queries, kind_of, exact):
                 })
     print(json.dumps(out["cascade"][:4]), flush=True)
     return out, stage1, stage2_scores
-
-
-def truncate(lowrank: torch.Tensor, comp: Compressor, keep: int) -> torch.Tensor:
-    parts, offset, rank = [], 0, comp.config.rank
-    for s in comp.specs:
-        for d in (s.d_out, s.d_in):
-            block = lowrank[:, offset : offset + rank * d].reshape(len(lowrank), rank, d)
-            parts.append(block[:, :keep].reshape(len(lowrank), -1))
-            offset += rank * d
-    return torch.cat(parts, 1)
 
 
 def index_types(index: GradIndex, queries, kind_of, exact) -> list[dict]:

@@ -74,26 +74,14 @@ def main() -> None:
         rows.append(_row(f"stage 1 {scheme} {dim}/layer, damping {damping}×", comp.vector_dim * 2, s1, exact, kind_of, seconds))
         if (scheme, dim, damping) == STAGE1[0]:
             for rank in RANKS:
-                sub = Compressor(factors, replace(base, rank=rank))
-                keep = _truncate(lowrank, factors, base.rank, rank)
-                s2 = np.concatenate([sub.lowrank_scores(torch.from_numpy(keep[i : i + 256]), whitened).numpy() for i in range(0, len(keep), 256)], 1)
-                rows.append(_row(f"stage 2 rank {rank}, {args.power_iterations} power iterations", sub.factor_dim * 2, s2, exact, kind_of, float("nan")))
+                keep = lowrank[:, : rank * comp.component_dim]  # a prefix of the stored factors is the lower rank
+                s2 = np.concatenate([comp.lowrank_scores(torch.from_numpy(keep[i : i + 256]), whitened).numpy() for i in range(0, len(keep), 256)], 1)
+                rows.append(_row(f"stage 2 rank {rank}, {args.power_iterations} power iterations", keep.shape[1] * 2, s2, exact, kind_of, float("nan")))
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
-
-
-def _truncate(lowrank: np.ndarray, factors: Factors, rank: int, keep: int) -> np.ndarray:
-    """Rank-``keep`` factors from stored rank-``rank`` ones (the randomized SVD orders by singular value)."""
-    parts, offset = [], 0
-    for s in factors.specs:
-        for d in (s.d_out, s.d_in):
-            block = lowrank[:, offset : offset + rank * d].reshape(len(lowrank), rank, d)
-            parts.append(block[:, :keep].reshape(len(lowrank), -1))
-            offset += rank * d
-    return np.concatenate(parts, 1)
 
 
 def _row(name: str, nbytes: int, approx: np.ndarray, exact: np.ndarray, kind_of: np.ndarray, seconds: float) -> dict:

@@ -127,6 +127,8 @@ def scores(
 IndexArg = typer.Argument(..., help="Index folder written by `gradindex build`.")
 K1Opt = typer.Option(None, "--k1", help=f"Stage-1 (FAISS) candidates (default {DEFAULT_K1}).")
 K2Opt = typer.Option(None, "--k2", help=f"Stage-2 (low-rank) survivors rescored exactly (default {DEFAULT_K2}).")
+QueryRankOpt = typer.Option(None, "--rank", help="Stage-2 rank at query time, at most the built one (lower: faster, coarser).")
+NprobeOpt = typer.Option(None, "--nprobe", help="IVF lists searched (IVF indexes only; default: recorded in the index).")
 _C = CompressionConfig()
 
 
@@ -266,6 +268,8 @@ def query(
     k: int = typer.Option(10, "-k", "--k", help="Results per query."),
     k1: Optional[int] = K1Opt,
     k2: Optional[int] = K2Opt,
+    rank: Optional[int] = QueryRankOpt,
+    nprobe: Optional[int] = NprobeOpt,
     opponents: bool = typer.Option(False, "--opponents", help="Most negative influence instead of most positive."),
     cosine: bool = typer.Option(False, "--cosine", help="Unit-normalised scores (divide by both gradients' whitened norms)."),
     per_token: bool = typer.Option(False, "--per-token", help="Token-wise influence inside each result."),
@@ -284,8 +288,8 @@ def query(
 
     query_list = _queries(queries, prompt, completion)
     opened = GradIndex.open(index, model=model, dtype=dtype, device=device)
-    results = opened.query_many(query_list, k, k1=k1, k2=k2, opponents=opponents, cosine=cosine, per_token=per_token,
-                                damping=damping, damping_scale=damping_scale)
+    results = opened.query_many(query_list, k, k1=k1, k2=k2, rank=rank, nprobe=nprobe, opponents=opponents, cosine=cosine,
+                                per_token=per_token, damping=damping, damping_scale=damping_scale)
     for r in results:
         if as_json:
             typer.echo(json.dumps({k_: v for k_, v in asdict(r).items() if k_ != "trace"}))
@@ -308,6 +312,8 @@ def eval_(
     k: int = typer.Option(10, "-k", "--k", help="Size of the top-k compared."),
     k1: Optional[int] = K1Opt,
     k2: Optional[int] = K2Opt,
+    rank: Optional[int] = QueryRankOpt,
+    nprobe: Optional[int] = NprobeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of the recorded path."),
     device: str = DeviceOpt,
@@ -318,7 +324,7 @@ def eval_(
     from gradindex.evaluate import evaluate
     from gradindex.search import GradIndex
 
-    report = evaluate(GradIndex.open(index, model=model, device=device), queries, k, k1=k1, k2=k2)
+    report = evaluate(GradIndex.open(index, model=model, device=device), queries, k, k1=k1, k2=k2, rank=rank, nprobe=nprobe)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
         return

@@ -30,7 +30,7 @@ class CompressionConfig:
     stage1: str = "sketch"  # "sketch" (CountSketch of all entries) or "topl" (entries of largest Λ)
     stage1_dim: int = 1024  # per layer: sketch buckets, or number of top-Λ entries kept
     stage1_damping_scale: float = 1.0  # λ₁ = this × mean Λ: heavier than the exact default 0.1
-    rank: int = 16  # stage 2: rank of each layer's factorisation
+    rank: int = 8  # stage 2: rank of each layer's factorisation
     stage2_damping_scale: float | None = None  # None: the factors' own default (what exact scoring uses)
     power_iterations: int = 0  # randomised SVD; one more pass costs 20 % of build speed for no measured recall
     seed: int = 0
@@ -72,7 +72,8 @@ class Compressor:
                 self._inv1[spec.name] = self._inv1[spec.name] * sign  # the sketch's signs ride on the whitening
         self.layer_dims = {s.name: min(config.stage1_dim, s.d_out * s.d_in) for s in self.specs}
         self.vector_dim = sum(self.layer_dims.values())
-        self.factor_dim = config.rank * sum(s.d_out + s.d_in for s in self.specs)
+        self.component_dim = sum(s.d_out + s.d_in for s in self.specs)  # one rank-1 term of every layer
+        self.factor_dim = config.rank * self.component_dim
         self.storage_dtype = getattr(torch, config.dtype)
 
     def _to(self, table: dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
@@ -95,13 +96,18 @@ class Compressor:
         return rotated.float() * self._to(self._inv2, name, rotated)
 
     def lowrank(self, w: torch.Tensor) -> torch.Tensor:
-        """Rank-r factors of each (d_out, d_in) matrix, flattened to (B, r·(d_out + d_in)): [U·s | V]."""
+        """Rank-r factors of each (d_out, d_in) matrix: (B, r, d_out + d_in), component j = [u_j | v_j]."""
         u, v = randomized_svd(w, self.config.rank, self.config.power_iterations, seed=self.config.seed)
-        return torch.cat([u.mT.flatten(1), v.mT.flatten(1)], dim=1)
+        return torch.cat([u.mT, v.mT], dim=2)
 
     def compress(self, rotated: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage-1 vectors (B, vector_dim), stage-2 factors (B, factor_dim) and exact self-influence (B,)
-        under the stage-2 damping, for a batch of rotated gradients."""
+        under the stage-2 damping, for a batch of rotated gradients.
+
+        Factors are stored component-major (every layer's first rank-1 term, then every layer's second…),
+        largest first, so a row's prefix is the best lower-rank approximation: the rank is a query-time knob
+        and reading a prefix touches only that part of the row.
+        """
         vectors, lowrank, self_influence = [], [], 0
         for spec in self.specs:
             g = rotated[spec.name]
@@ -109,7 +115,7 @@ class Compressor:
             w = self.whiten2(spec.name, g)
             self_influence = self_influence + torch.linalg.vector_norm(w, dim=(1, 2)).double().square()
             lowrank.append(self.lowrank(w))
-        return torch.cat(vectors, 1), torch.cat(lowrank, 1), self_influence
+        return torch.cat(vectors, 1), torch.cat(lowrank, 2).flatten(1), self_influence
 
     def query_vectors(self, rotated: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The query side: stage-1 vectors (Q, vector_dim) and full stage-2-whitened W per layer."""
@@ -117,15 +123,14 @@ class Compressor:
         return vectors, {s.name: self.whiten2(s.name, rotated[s.name]) for s in self.specs}
 
     def lowrank_scores(self, factors: torch.Tensor, whitened: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ_layers ⟨W_q, U Vᵀ⟩ for stored factors (K, factor_dim) and queries' W: (Q, K) float32."""
-        r = self.config.rank
+        """Σ_layers ⟨W_q, U Vᵀ⟩ for stored factors (K, r'·component_dim), any prefix rank r' ≤ r, and the
+        queries' W: (Q, K) float32."""
+        factors = factors.float().view(len(factors), -1, self.component_dim)
         total, offset = 0, 0
-        factors = factors.float()
         for spec in self.specs:
-            u = factors[:, offset : offset + r * spec.d_out].view(-1, r, spec.d_out)
-            offset += r * spec.d_out
-            v = factors[:, offset : offset + r * spec.d_in].view(-1, r, spec.d_in)
-            offset += r * spec.d_in
+            u = factors[:, :, offset : offset + spec.d_out]
+            v = factors[:, :, offset + spec.d_out : offset + spec.d_out + spec.d_in]
+            offset += spec.d_out + spec.d_in
             w = whitened[spec.name].to(factors.device)  # (Q, d_out, d_in)
             # ⟨W_q, U Vᵀ⟩ = Σ_r u_rᵀ W_q v_r: one (K·r, d_out) × (d_out, d_in) product per query.
             uw = torch.einsum("kro,qoi->qkri", u, w)

@@ -27,7 +27,7 @@ from .scores import score_preconditioned, sequence_gradients
 from .store import FACTORS_DIR, INDEX_FILE, check_sizes, load_manifest, shard_path
 
 DEFAULT_K1 = 1000
-DEFAULT_K2 = 50
+DEFAULT_K2 = 100
 
 
 @dataclass
@@ -146,15 +146,17 @@ class GradIndex:
     def self_influence(self, rows: Sequence[int]) -> np.ndarray:
         return np.asarray(self.rows(rows, ("self_influence",))["self_influence"], dtype=np.float64)
 
-    def lowrank(self, rows: np.ndarray) -> torch.Tensor:
-        """Stage-2 factors of the given rows, read from the memory-mapped shards (only those rows)."""
-        out = np.empty((len(rows), self.compressor.factor_dim), dtype=self._lowrank[0].dtype)
+    def lowrank(self, rows: np.ndarray, rank: int | None = None) -> torch.Tensor:
+        """Stage-2 factors of the given rows at ``rank`` (≤ the built rank), read from the memory-mapped
+        shards: only those rows, and only the prefix of each that the rank needs."""
+        width = self.compressor.component_dim * min(rank or self.compressor.config.rank, self.compressor.config.rank)
+        out = np.empty((len(rows), width), dtype=self._lowrank[0].dtype)
         shard = rows // self.shard_size
         for j in np.unique(shard):
             where = np.nonzero(shard == j)[0]
             local = rows[where] - j * self.shard_size
             order = np.argsort(local)  # ascending reads are kinder to the page cache
-            out[where[order]] = self._lowrank[j][local[order]]
+            out[where[order]] = self._lowrank[j][local[order], :width]
         return torch.from_numpy(out)
 
     # -- querying ---------------------------------------------------------------------------------
@@ -176,17 +178,22 @@ class GradIndex:
         damping: float | None = None,
         damping_scale: float | None = None,
         nprobe: int | None = None,
+        rank: int | None = None,
         trace: bool = False,
     ) -> list[QueryResult]:
         """Run the cascade for each query. ``opponents``: most negative influence instead of most positive.
 
         ``cosine``: scores divided by both sequences' whitened-gradient norms (at the build's stage-2
-        damping), which removes the pull of long, high-loss sequences.
+        damping), which removes the pull of long, high-loss sequences. ``rank``: stage-2 rank (default
+        the built one); lower is faster and coarser. ``nprobe``: IVF lists searched (IVF indexes only).
         """
         if isinstance(queries, (str, Path)):
             queries = load_queries(queries)
         queries = list(queries)
         k1, k2 = self._check_k(k, k1, k2)
+        built = self.compressor.config.rank
+        if rank is not None and not 1 <= rank <= built:
+            raise GradIndexError(f"rank must be between 1 and the index's stage-2 rank {built}, got {rank}")
         started = time.perf_counter()
         tokenized = tokenize_queries(self.tokenizer, queries, self.max_query_length)
         grads = sequence_gradients(self.model, self.factors.specs, tokenized, pad_id=self.tokenizer.pad_token_id,
@@ -206,7 +213,7 @@ class GradIndex:
             keep = s1_rows[q] >= 0
             rows1, scores1 = s1_rows[q][keep], sign * s1_scores[q][keep]
             t = time.perf_counter()
-            approx = self.compressor.lowrank_scores(self.lowrank(rows1), {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
+            approx = self.compressor.lowrank_scores(self.lowrank(rows1, rank), {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
             norms = np.sqrt(np.maximum(self.self_influence(rows1), 1e-300)) * max(query_norms[q], 1e-300) if cosine else 1.0
             approx = approx / norms
             order = np.argsort(-sign * approx, kind="stable")[:k2]

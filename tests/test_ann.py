@@ -32,8 +32,8 @@ def test_search_returns_the_largest_inner_products(key):
 
 
 def test_index_choice_follows_the_memory_budget():
-    assert ann.choose_key(1000, 512, 2**30) == "Flat"
-    assert ann.choose_key(300_000, 4096, 4 * 2**30) == "SQfp16"
+    assert ann.choose_key(1000, 512, 2**30) == "SQfp16"
+    assert ann.choose_key(500_000, 4096, 4 * 2**30) == "SQfp16"
     assert ann.choose_key(10**6, 4096, 4 * 2**30).endswith(",SQ8")
     key = ann.choose_key(10**7, 4096, 4 * 2**30)
     assert key.startswith("IVF") and "PQ" in key and 4096 % int(key.split("PQ")[1]) == 0

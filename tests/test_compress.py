@@ -112,3 +112,16 @@ def test_bad_compression_settings_are_refused():
         CompressionConfig(stage1="pca")
     with pytest.raises(GradIndexError, match="positive"):
         CompressionConfig(rank=0)
+
+
+def test_factor_prefixes_are_the_lower_ranks_and_converge_to_exact(setup, tokenizer):
+    """Stored component-major, largest first: a row's prefix is a lower-rank approximation whose
+    stage-2 scores approach exact influence as the rank grows."""
+    factors, rotated, exact = setup[1], setup[5], setup[4]
+    rank = max(min(s.d_out, s.d_in) for s in factors.specs)
+    comp = Compressor(factors, CompressionConfig(rank=rank, dtype="float32", power_iterations=2))
+    _, lowrank, _ = comp.compress(rotated["train"])
+    _, whitened = comp.query_vectors(rotated["queries"])
+    errors = [np.abs(comp.lowrank_scores(lowrank[:, : r * comp.component_dim], whitened).numpy() - exact).max() for r in range(1, rank + 1)]
+    assert all(a >= b - 1e-3 * np.abs(exact).max() for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.05 * np.abs(exact).max() and errors[-1] < 1e-4 * np.abs(exact).max()

@@ -69,7 +69,7 @@ def test_manifest_describes_the_build(ws):
     assert len(m["shards"]) == -(-N // SHARD) and [s["rows"] for s in m["shards"]][-1] == [64, 70]
     assert {"gradindex", "torch", "faiss", "transformers"} <= m["versions"].keys()
     assert len(m["model_hash"]) == 32 and len(m["factors_hash"]) == 64 and m["data_rows"] == N
-    assert m["compression"]["stage1_dim"] == 64 and m["compression"]["rank"] == 4 and m["index"]["key"] == "Flat"
+    assert m["compression"]["stage1_dim"] == 64 and m["compression"]["rank"] == 4 and m["index"]["key"] == "SQfp16"
     assert all(len(f["sha256"]) == 64 for s in m["shards"] for f in s["files"].values())
     meta = pq.read_table(ws / "idx" / "shards" / "00001.meta.parquet")
     assert meta.column("row_id").to_pylist() == list(range(16, 32))
@@ -187,7 +187,7 @@ def test_torchrun_ranks_build_the_same_index(ws, tmp_path):
 def test_index_types_are_chosen_by_memory_and_overridable(ws, tmp_path):
     from gradindex.ann import choose_key
 
-    assert choose_key(1000, 512, 4 * 2**30) == "Flat"
+    assert choose_key(1000, 512, 4 * 2**30) == "SQfp16"
     assert choose_key(10**6, 4096, 4 * 2**30).startswith("IVF") and "SQ8" in choose_key(10**6, 4096, 4 * 2**30)
     assert "PQ" in choose_key(10**7, 4096, 4 * 2**30)
     result = runner.invoke(app, build_args(ws, tmp_path / "ivf", "--index-key", "IVF2,Flat"))
@@ -199,10 +199,10 @@ def test_index_types_are_chosen_by_memory_and_overridable(ws, tmp_path):
     assert bad.exit_code == 2 and "faiss cannot make index" in bad.output
 
 
-@pytest.mark.parametrize("k", ["0", "-1", "71"])
-def test_bad_k_is_refused(ws, k):
-    result = runner.invoke(app, ["query", str(ws / "idx"), "--prompt", "music by", "--completion", " the", "-k", k])
-    assert result.exit_code == 2 and "k" in result.output and "Traceback" not in result.output
+@pytest.mark.parametrize("option", [["-k", "0"], ["-k", "-1"], ["-k", "71"], ["--rank", "0"], ["--rank", "5"]])
+def test_bad_k_or_rank_is_refused(ws, option):
+    result = runner.invoke(app, ["query", str(ws / "idx"), "--prompt", "music by", "--completion", " the", *option])
+    assert result.exit_code == 2 and option[0].strip("-") in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("prompt,completion,message", [("", " the", "empty prompt"), ("music", "  ", "empty completion")])
