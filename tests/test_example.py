@@ -45,3 +45,19 @@ def test_index_with_default_settings_keeps_the_exact_top10_on_the_example(exampl
     report = evaluate(GradIndex.open(tmp_path / "idx"), queries, k=10, k1=300, progress=False)
     assert report.proponents.recall_at_k >= 0.95 and report.opponents.recall_at_k >= 0.95, report
     assert report.proponents.exact_max_rel_diff < 1e-4
+
+
+def test_demo_builds_an_index_and_answers_through_it(example, tmp_path):
+    """The README's first command, on the quick variant (reusing this module's cached example)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    cache = example.model_dir.parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "demo.py"), "--quick", "--cache", str(cache), "--index", str(tmp_path / "idx"), "--queries", "2"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "idx" / "manifest.json").exists()
+    first = json.loads(example.queries_path.read_text().splitlines()[0])
+    assert first["prompt"] in done.stdout and first["completion"].strip() in done.stdout
