@@ -216,22 +216,27 @@ class GradIndex:
             approx = self.compressor.lowrank_scores(self.lowrank(rows1, rank), {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
             norms = np.sqrt(np.maximum(self.self_influence(rows1), 1e-300)) * max(query_norms[q], 1e-300) if cosine else 1.0
             approx = approx / norms
-            order = np.argsort(-sign * approx, kind="stable")[:k2]
-            rows2, scores2 = rows1[order], approx[order]
+            norms = norms if cosine else np.ones(len(rows1))
+            order = np.argsort(-sign * approx, kind="stable")
+            # Copies of one text have one gradient: k2 counts distinct texts, each scored once exactly.
+            groups = self._distinct(rows1[order], k2)
+            reps = order[[g[0] for g in groups]]
             timings["stage2"] = time.perf_counter() - t
             t = time.perf_counter()
             p = {name: self.factors.precondition(name, g[q : q + 1], damping, damping_scale) for name, g in grads.items()}
-            exact = score_preconditioned(self.model, self.factors.specs, p, self.tokenized(rows2), pad_id=self.tokenizer.pad_token_id,
+            exact = score_preconditioned(self.model, self.factors.specs, p, self.tokenized(rows1[reps]), pad_id=self.tokenizer.pad_token_id,
                                          token_budget=self.token_budget, per_layer=True, per_token=per_token, progress=False)
-            scale = norms[order] if cosine else 1.0
-            exact_scores = exact.scores[0].astype(np.float64) / scale
-            final = np.argsort(-sign * exact_scores, kind="stable")[:k]
+            rep_scores = exact.scores[0].astype(np.float64) / norms[reps]
+            members = [(int(rows1[order[i]]), gi) for gi, g in enumerate(groups) for i in g]  # (row, group)
+            member_rows = np.array([m[0] for m in members])
+            member_scores = np.array([rep_scores[gi] for _, gi in members])
+            final = np.lexsort((member_rows, -sign * member_scores))[:k]
             timings["stage3"] = time.perf_counter() - t
-            hits = self._hits(rows2, final, exact, exact_scores, scores2, rows1, scores1, per_token)
+            hits = self._hits([members[f] for f in final], exact, rep_scores, approx[reps], rows1, scores1, per_token)
             timings["total"] = sum(timings.values())
             results.append(QueryResult(
                 query.prompt, query.completion, opponents, hits, timings,
-                Trace(rows1, scores1, approx, rows2, rows2[final], exact_scores[final]) if trace else None,
+                Trace(rows1, scores1, approx, member_rows, member_rows[final], member_scores[final]) if trace else None,
             ))
         return results
 
@@ -246,20 +251,35 @@ class GradIndex:
             raise GradIndexError("k1 and k2 must be positive")
         return k1, k2
 
-    def _hits(self, rows2, final, exact, exact_scores, approx, rows1, scores1, per_token) -> list[Hit]:
-        chosen = rows2[final]
-        meta = self.rows(chosen, ("text", "source", "offset", "input_ids"))
+    def _distinct(self, rows: np.ndarray, limit: int) -> list[list[int]]:
+        """Positions in ``rows`` grouped by identical token ids, groups in order of first appearance,
+        the first ``limit`` groups (each group lists every position of that text among ``rows``)."""
+        ids = self.rows(rows, ("input_ids",))["input_ids"]
+        group_of: dict[tuple, int] = {}
+        groups: list[list[int]] = []
+        for i, seq in enumerate(ids):
+            key = tuple(seq)
+            if key not in group_of:
+                group_of[key] = len(groups)
+                groups.append([])
+            groups[group_of[key]].append(i)
+        return groups[:limit]
+
+    def _hits(self, chosen: list[tuple[int, int]], exact, rep_scores, rep_approx, rows1, scores1, per_token) -> list[Hit]:
+        """Hits for (row, group) pairs; a group's exact numbers come from its representative."""
+        rows = [row for row, _ in chosen]
+        meta = self.rows(rows, ("text", "source", "offset", "input_ids"))
         stage1 = dict(zip(rows1.tolist(), scores1.tolist()))
         hits = []
-        for i, (f, row) in enumerate(zip(final, chosen)):
+        for i, (row, g) in enumerate(chosen):
             tokens = token_scores = None
             if per_token:
                 tokens = self.tokenizer.convert_ids_to_tokens(meta["input_ids"][i])
-                token_scores = exact.per_token[f][0].tolist()
+                token_scores = exact.per_token[g][0].tolist()
             hits.append(Hit(
-                row=int(row), score=float(exact_scores[f]), approx_score=float(approx[f]), stage1_score=float(stage1[int(row)]),
+                row=int(row), score=float(rep_scores[g]), approx_score=float(rep_approx[g]), stage1_score=float(stage1[int(row)]),
                 text=meta["text"][i], source=meta["source"][i], offset=int(meta["offset"][i]),
-                per_layer={name: float(v[0, f]) for name, v in exact.per_layer.items()},
+                per_layer={name: float(v[0, g]) for name, v in exact.per_layer.items()},
                 tokens=tokens, token_scores=token_scores,
             ))
         return hits

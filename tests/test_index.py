@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from gradindex import build as build_module
 from gradindex import pipeline
+from gradindex.data import Query
 from gradindex.build import build, merge
 from gradindex.compress import CompressionConfig
 from gradindex.errors import GradIndexError
@@ -263,3 +264,23 @@ def test_python_build_fits_factors_when_none_are_given(ws, tmp_path):
     assert (out / "factors" / "factors.safetensors").exists() and (out / "manifest.json").exists()
     with pytest.raises(GradIndexError, match="nothing to merge"):
         merge([], tmp_path / "none")
+
+
+def test_copies_of_a_text_share_one_exact_rescore_and_count_once_in_k2(ws, tmp_path):
+    texts = random_texts(30, seed=9)
+    texts += [texts[0]] * 6 + [texts[1]] * 4  # 7 and 5 copies
+    data = tmp_path / "dup.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    out = build(str(ws / "model"), str(data), tmp_path / "dup", factors=ws / "factors", compression=COMPRESSION, progress=False)
+    exact = pipeline.score(ws / "model", ws / "factors", data, [Query(texts[0], " the")], progress=False).scores[0]
+    result = GradIndex.open(out).query_many([Query(texts[0], " the")], k=12, k1=len(texts), k2=12, trace=True)[0]
+    kept = [texts[r] for r in result.trace.stage2_rows]
+    assert len(set(kept)) == 12  # twelve distinct texts survive stage 2 …
+    for text in set(kept):  # … each with every one of its copies
+        assert kept.count(text) == texts.count(text)
+    hits = result.hits
+    assert len(hits) == 12 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    np.testing.assert_allclose([h.score for h in hits], exact[[h.row for h in hits]], rtol=1e-5)
+    from gradindex.evaluate import true_top
+
+    assert {h.row for h in hits} <= true_top(exact, 12)  # copies tie: any of them is a true member
