@@ -300,7 +300,7 @@ def index_types(index: GradIndex, queries, kind_of, exact) -> list[dict]:
     out = []
     for key in keys:
         t = time.perf_counter()
-        idx, max_norm = ann.build_index(key, dim, n, lambda: (v.astype(np.float32) for v in vectors), sample, seed=0)
+        idx = ann.build_index(key, dim, n, lambda: (v.astype(np.float32) for v in vectors), sample, seed=0)
         build_seconds = time.perf_counter() - t
         row = {"key": key, "build_seconds": build_seconds, "bytes_per_sequence": idx.sa_code_size() if hasattr(idx, "sa_code_size") else None}
         for nprobe in ([None] if not key.startswith("IVF") else [nlist // 16, nlist // 4]):
@@ -308,7 +308,7 @@ def index_types(index: GradIndex, queries, kind_of, exact) -> list[dict]:
                 lat, rec = [], []
                 for q in range(len(queries)):
                     t = time.perf_counter()
-                    _, rows = ann.search(idx, sign * qv[q : q + 1], 1000, nprobe, max_norm)
+                    _, rows = ann.search(idx, sign * qv[q : q + 1], 1000, nprobe)
                     lat.append(time.perf_counter() - t)
                     rec.append(recall(truth_of(sign * exact[q]), rows[0][rows[0] >= 0]))
                 rec = np.array(rec)

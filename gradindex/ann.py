@@ -1,11 +1,11 @@
 """The stage-1 FAISS index: choosing its type from N and a memory budget, training, adding, searching.
 
-Influence is an inner product of whitened gradients. Exhaustive types search inner products directly.
-IVF types cluster poorly under inner product: on 3,000 benchmark gradients (IVF54, 80 queries) the exact
-top-10 fell inside the top-1000 of an inner-product IVF 0.58 of the time at 6 lists probed, against 0.99
-with the standard reduction to L2 used here:
-x ↦ [x, sqrt(M² − |x|²)], q ↦ [q, 0], where M is the largest norm; then |q' − x'|² = |q|² + M² − 2 q·x
-and the nearest neighbours are the largest inner products (Bachrach et al. 2014).
+Always inner product (the whitened-gradient identity makes influence an inner product). IVF assigns by
+inner product to centroids; its recall is measured by ``gradindex eval`` rather than assumed, and on
+whitened gradients it is poor (README, index types). The standard L2 reduction (x ↦ [x, sqrt(M² − |x|²)])
+was tried and dropped: on 3,000 benchmark gradients it lifted IVF's stage-1 recall from 0.58 to 0.99,
+but at 100,000 its lists were so unbalanced that a query was slower than the exhaustive scan and the
+planted facts' supporters were no longer found.
 """
 
 from __future__ import annotations
@@ -73,12 +73,8 @@ def build_index(
     random sample, never on the first rows of a possibly sorted corpus.
     """
     faiss = faiss_module()
-    max_norm = max((float(np.linalg.norm(np.asarray(b, np.float32), axis=1).max(initial=0)) for b in chunks()), default=0.0) if _nlist(key) else None
     try:
-        if max_norm is None:
-            index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
-        else:
-            index = faiss.index_factory(dim + 1, key, faiss.METRIC_L2)
+        index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise GradIndexError(f"faiss cannot make index {key!r}: {str(e).strip().splitlines()[-1]}") from None
     work = _to_gpu(index) if use_gpu else index
@@ -86,27 +82,18 @@ def build_index(
         nlist = _nlist(key) or 256
         n_train = min(n, max(64 * nlist, 10_000))
         rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
-        train = _augment(sample(rows), max_norm)
+        train = np.ascontiguousarray(sample(rows), dtype=np.float32)
         if len(train) < nlist:
             raise GradIndexError(f"index {key!r} needs at least {nlist} rows to train, the data has {n}")
         work.train(train)
     for block in chunks():
-        work.add(_augment(block, max_norm))
+        work.add(np.ascontiguousarray(block, dtype=np.float32))
         if progress:
             progress(len(block))
     index = _to_cpu(work) if use_gpu else work
     if _nlist(key):
         faiss.extract_index_ivf(index).nprobe = default_nprobe(key)
-    return index, max_norm
-
-
-def _augment(vectors: np.ndarray, max_norm: float | None) -> np.ndarray:
-    """[x, sqrt(M² − |x|²)] for the L2 reduction; x itself for inner-product indexes."""
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if max_norm is None:
-        return x
-    extra = np.sqrt(np.maximum(max_norm**2 - np.einsum("ij,ij->i", x, x), 0))[:, None]
-    return np.ascontiguousarray(np.hstack([x, extra.astype(np.float32)]))
+    return index
 
 
 def gpu_available() -> bool:
@@ -145,20 +132,12 @@ def save_index(index, path) -> None:
     faiss_module().write_index(_to_cpu(index), str(path))
 
 
-def search(index, vectors: np.ndarray, k: int, nprobe: int | None = None, max_norm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by inner product: (scores, rows), each (Q, k); rows are -1 where fewer than k were found.
-
-    ``max_norm`` set: the index holds L2-reduced vectors (see the module docstring).
-    """
+def search(index, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product: (scores, rows), each (Q, k); rows are -1 where fewer than k were found."""
     faiss = faiss_module()
     if nprobe and _is_ivf(index):
         faiss.extract_index_ivf(index).nprobe = nprobe
-    q = np.ascontiguousarray(vectors, dtype=np.float32)
-    if max_norm is None:
-        return index.search(q, k)
-    distances, rows = index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), k)
-    inner = (np.einsum("ij,ij->i", q, q)[:, None] + max_norm**2 - distances) / 2
-    return inner, rows
+    return index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
 
 
 def _is_ivf(index) -> bool:

@@ -244,7 +244,7 @@ def finalize(out: str | Path, *, max_memory: int = ann.DEFAULT_MAX_MEMORY, index
         return np.stack([vectors[s][r - starts[s]] for s, r in zip(j, rows)]).astype(np.float32)
 
     bar = tqdm(total=n, desc=f"indexing ({key})", unit="seq", disable=not progress)
-    index, max_norm = ann.build_index(
+    index = ann.build_index(
         key, dim, n, lambda: (v.astype(np.float32) for v in vectors), sample,
         seed=config.compression.get("seed", 0), use_gpu=ann.gpu_available(), progress=bar.update,
     )
@@ -252,12 +252,12 @@ def finalize(out: str | Path, *, max_memory: int = ann.DEFAULT_MAX_MEMORY, index
     tmp = out / (INDEX_FILE + ".tmp")
     ann.save_index(index, tmp)
     os.replace(tmp, out / INDEX_FILE)
-    manifest = _manifest(out, config, records, key, dim, index, max_norm)
+    manifest = _manifest(out, config, records, key, dim, index)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
-def _manifest(out: Path, config: BuildConfig, records: list[dict], key: str, dim: int, index, max_norm: float | None) -> dict:
+def _manifest(out: Path, config: BuildConfig, records: list[dict], key: str, dim: int, index) -> dict:
     import faiss
     import transformers
 
@@ -279,8 +279,7 @@ def _manifest(out: Path, config: BuildConfig, records: list[dict], key: str, dim
         "n_rows": n,
         "vector_dim": dim,
         "factor_dim": int(np.load(shard_path(out, 0, "lowrank"), mmap_mode="r").shape[1]),
-        "index": {"key": key, "nprobe": ann.default_nprobe(key), "ntotal": int(index.ntotal), "l2_reduction_max_norm": max_norm,
-                  "file": index_entry},
+        "index": {"key": key, "nprobe": ann.default_nprobe(key), "ntotal": int(index.ntotal), "file": index_entry},
         "factors": {"files": [file_entry(out, out / FACTORS_DIR / name) for name in (FACTORS_FILE, CONFIG_FILE)]},
         "bytes_per_sequence": {
             "stage1_vectors": shard_bytes["vectors"] / n, "stage2_factors": shard_bytes["lowrank"] / n,

@@ -105,8 +105,7 @@ class GradIndex:
         if factors.config.model_hash != manifest["model_hash"]:
             raise GradIndexError(f"index {root}: its factors belong to another model than its vectors")
         index = ann.load_index(root / INDEX_FILE, use_gpu=ann.gpu_available() and str(device).startswith("cuda"))
-        expected_dim = manifest["vector_dim"] + (manifest["index"].get("l2_reduction_max_norm") is not None)
-        if index.ntotal != manifest["n_rows"] or index.d != expected_dim:
+        if index.ntotal != manifest["n_rows"] or index.d != manifest["vector_dim"]:
             raise GradIndexError(f"index {root}: {INDEX_FILE} holds {index.ntotal}×{index.d} vectors, the manifest says "
                                  f"{manifest['n_rows']}×{manifest['vector_dim']}")
         return cls(root, manifest, model, tokenizer, factors, index, token_budget)
@@ -204,8 +203,7 @@ class GradIndex:
         query_norms = torch.sqrt(sum(w.double().square().sum((1, 2)) for w in whitened.values())).numpy()
         gradient_seconds = (time.perf_counter() - started) / len(queries)
         t = time.perf_counter()
-        s1_scores, s1_rows = ann.search(self.index, sign * vectors.cpu().numpy(), k1, nprobe or self.manifest["index"]["nprobe"],
-                                        self.manifest["index"].get("l2_reduction_max_norm"))
+        s1_scores, s1_rows = ann.search(self.index, sign * vectors.cpu().numpy(), k1, nprobe)
         search_seconds = (time.perf_counter() - t) / len(queries)
         results = []
         for q, query in enumerate(queries):
