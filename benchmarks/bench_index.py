@@ -163,12 +163,11 @@ def plain_throughput(model, tokenizer, data, max_length: int, rows: int) -> floa
 def single_query_brute_force(index: GradIndex, query: Query, rows: int) -> float:
     """Seconds to score all N rows exactly for one query, timed on ``rows`` of them (cost is linear in N)."""
     from gradindex.data import tokenize_queries
-    from gradindex.scores import score_preconditioned, sequence_gradients
+    from gradindex.scores import query_gradients, score_preconditioned
 
     t = time.perf_counter()
     tokenized = tokenize_queries(index.tokenizer, [query], index.max_query_length)
-    grads = sequence_gradients(index.model, index.factors.specs, tokenized, pad_id=index.tokenizer.pad_token_id)
-    p = {name: index.factors.precondition(name, g) for name, g in grads.items()}
+    p = query_gradients(index.model, index.factors, tokenized, pad_id=index.tokenizer.pad_token_id)
     rows = min(rows, index.n)
     chosen = np.random.default_rng(0).choice(index.n, rows, replace=False)
     score_preconditioned(index.model, index.factors.specs, p, index.tokenized(chosen), pad_id=index.tokenizer.pad_token_id, progress=False)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .data import Query, load_queries, tokenize_queries
 from .errors import GradIndexError
-from .scores import score_preconditioned, sequence_gradients
+from .scores import query_gradients, score_preconditioned
 from .search import GradIndex
 
 _DEPTHS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -56,8 +56,8 @@ class EvalReport:
 def exact_scores(index: GradIndex, queries: Sequence[Query], *, damping=None, damping_scale=None, progress: bool = True) -> np.ndarray:
     """Brute force: exact influence of every indexed row on every query, (Q, N) float32."""
     tokenized = tokenize_queries(index.tokenizer, list(queries), index.max_query_length)
-    grads = sequence_gradients(index.model, index.factors.specs, tokenized, pad_id=index.tokenizer.pad_token_id, token_budget=index.token_budget)
-    p = {name: index.factors.precondition(name, g, damping, damping_scale) for name, g in grads.items()}
+    p = query_gradients(index.model, index.factors, tokenized, pad_id=index.tokenizer.pad_token_id, token_budget=index.token_budget,
+                        damping=damping, damping_scale=damping_scale)
     out = np.zeros((len(queries), index.n), np.float32)
     for j in tqdm(range(len(index.manifest["shards"])), desc="brute-force exact scores", unit="shard", disable=not progress):
         rows = np.arange(j * index.shard_size, min((j + 1) * index.shard_size, index.n))

@@ -139,8 +139,7 @@ class GradIndex:
 
     def tokenized(self, rows: Sequence[int]) -> TokenizedSet:
         """The stored token ids of the given rows, scored as training text (every token but the first)."""
-        ids = [np.asarray(x, dtype=np.int64) for x in self.rows(rows, ("input_ids",))["input_ids"]]
-        return TokenizedSet(ids, [np.arange(len(x)) > 0 for x in ids])
+        return _training_set(self.rows(rows, ("input_ids",))["input_ids"])
 
     def self_influence(self, rows: Sequence[int]) -> np.ndarray:
         return np.asarray(self.rows(rows, ("self_influence",))["self_influence"], dtype=np.float64)
@@ -212,18 +211,21 @@ class GradIndex:
             rows1, scores1 = s1_rows[q][keep], sign * s1_scores[q][keep]
             t = time.perf_counter()
             approx = self.compressor.lowrank_scores(self.lowrank(rows1, rank), {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
-            norms = np.sqrt(np.maximum(self.self_influence(rows1), 1e-300)) * max(query_norms[q], 1e-300) if cosine else 1.0
+            norms = np.ones(len(rows1))
+            if cosine:
+                norms = np.sqrt(np.maximum(self.self_influence(rows1), 1e-300)) * max(query_norms[q], 1e-300)
             approx = approx / norms
-            norms = norms if cosine else np.ones(len(rows1))
             order = np.argsort(-sign * approx, kind="stable")
             # Copies of one text have one gradient: k2 counts distinct texts, each scored once exactly.
-            groups = self._distinct(rows1[order], k2)
+            ids = self.rows(rows1[order], ("input_ids",))["input_ids"]
+            groups = _distinct(ids, k2)
             reps = order[[g[0] for g in groups]]
             timings["stage2"] = time.perf_counter() - t
             t = time.perf_counter()
             p = {name: self.factors.precondition(name, g[q : q + 1], damping, damping_scale) for name, g in grads.items()}
-            exact = score_preconditioned(self.model, self.factors.specs, p, self.tokenized(rows1[reps]), pad_id=self.tokenizer.pad_token_id,
-                                         token_budget=self.token_budget, per_layer=True, per_token=per_token, progress=False)
+            exact = score_preconditioned(self.model, self.factors.specs, p, _training_set([ids[g[0]] for g in groups]),
+                                         pad_id=self.tokenizer.pad_token_id, token_budget=self.token_budget, per_layer=True,
+                                         per_token=per_token, progress=False)
             rep_scores = exact.scores[0].astype(np.float64) / norms[reps]
             members = [(int(rows1[order[i]]), gi) for gi, g in enumerate(groups) for i in g]  # (row, group)
             member_rows = np.array([m[0] for m in members])
@@ -249,20 +251,6 @@ class GradIndex:
             raise GradIndexError("k1 and k2 must be positive")
         return k1, k2
 
-    def _distinct(self, rows: np.ndarray, limit: int) -> list[list[int]]:
-        """Positions in ``rows`` grouped by identical token ids, groups in order of first appearance,
-        the first ``limit`` groups (each group lists every position of that text among ``rows``)."""
-        ids = self.rows(rows, ("input_ids",))["input_ids"]
-        group_of: dict[tuple, int] = {}
-        groups: list[list[int]] = []
-        for i, seq in enumerate(ids):
-            key = tuple(seq)
-            if key not in group_of:
-                group_of[key] = len(groups)
-                groups.append([])
-            groups[group_of[key]].append(i)
-        return groups[:limit]
-
     def _hits(self, chosen: list[tuple[int, int]], exact, rep_scores, rep_approx, rows1, scores1, per_token) -> list[Hit]:
         """Hits for (row, group) pairs; a group's exact numbers come from its representative."""
         rows = [row for row, _ in chosen]
@@ -281,3 +269,23 @@ class GradIndex:
                 tokens=tokens, token_scores=token_scores,
             ))
         return hits
+
+
+def _training_set(ids: Sequence[Sequence[int]]) -> TokenizedSet:
+    """Stored token ids as training text: every token but the first is scored."""
+    arrays = [np.asarray(x, dtype=np.int64) for x in ids]
+    return TokenizedSet(arrays, [np.arange(len(x)) > 0 for x in arrays])
+
+
+def _distinct(ids: Sequence[Sequence[int]], limit: int) -> list[list[int]]:
+    """Positions grouped by identical token ids, groups in order of first appearance, the first ``limit``
+    groups (each lists every position of its text)."""
+    group_of: dict[tuple, int] = {}
+    groups: list[list[int]] = []
+    for i, seq in enumerate(ids):
+        key = tuple(seq)
+        if key not in group_of:
+            group_of[key] = len(groups)
+            groups.append([])
+        groups[group_of[key]].append(i)
+    return groups[:limit]
