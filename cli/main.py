@@ -304,6 +304,30 @@ def query(
                 typer.echo("       tokens: " + ", ".join(f"{h.tokens[t]!r} {h.token_scores[t]:+.3g}" for t in sorted(best)))
 
 
+@app.command()
+@friendly_errors
+def outliers(
+    index: Path = IndexArg,
+    n: int = typer.Option(20, "-n", help="How many sequences to list."),
+    exact: bool = typer.Option(False, "--exact", help="Recompute their self-influence exactly (with the damping below) instead of the stored values."),
+    damping: Optional[float] = typer.Option(None, "--damping", help="Absolute damping of the exact recomputation."),
+    damping_scale: Optional[float] = typer.Option(None, "--damping-scale", help="Damping of the exact recomputation, × mean eigenvalue."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per sequence."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of the recorded path."),
+):
+    """The training sequences of highest self-influence (unusual or memorised ones)."""
+    import json
+
+    from gradindex.search import GradIndex
+
+    for row, value, text in GradIndex.open(index, model=model).outliers(n, exact=exact, damping=damping, damping_scale=damping_scale):
+        if as_json:
+            typer.echo(json.dumps({"row": row, "self_influence": value, "text": text}))
+        else:
+            flat = " ".join(text.split())
+            typer.echo(f"{value:12.5g}  row {row}  {flat[:100]}{'…' if len(flat) > 100 else ''}")
+
+
 @app.command(name="eval")
 @friendly_errors
 def eval_(

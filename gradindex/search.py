@@ -23,7 +23,7 @@ from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, load_queries, token
 from .errors import GradIndexError
 from .factors import Factors
 from .model import model_fingerprint, resolve_max_length, tokenizer_fingerprint
-from .scores import score_preconditioned, sequence_gradients
+from .scores import query_gradients, score_preconditioned, sequence_gradients
 from .store import FACTORS_DIR, INDEX_FILE, check_sizes, load_manifest, shard_path
 
 DEFAULT_K1 = 1000
@@ -143,6 +143,27 @@ class GradIndex:
 
     def self_influence(self, rows: Sequence[int]) -> np.ndarray:
         return np.asarray(self.rows(rows, ("self_influence",))["self_influence"], dtype=np.float64)
+
+    def outliers(self, n: int = 20, *, exact: bool = False, damping: float | None = None,
+                 damping_scale: float | None = None) -> list[tuple[int, float, str]]:
+        """The ``n`` sequences of highest self-influence I(z, z) = |W(G_z)|², from the values stored at build
+        time (stage-2 damping); ``exact`` recomputes them with the given damping, as ``scores`` would."""
+        if not isinstance(n, (int, np.integer)) or not 1 <= n <= self.n:
+            raise GradIndexError(f"n must be between 1 and the {self.n} sequences in the index, got {n}")
+        stored = np.concatenate([self._shard_meta(j).column("self_influence").to_numpy() for j in range(len(self._lowrank))])
+        rows = np.argsort(-stored, kind="stable")[:n]
+        values = stored[rows]
+        if exact:
+            data = self.tokenized(rows)
+            p = query_gradients(self.model, self.factors, data, pad_id=self.tokenizer.pad_token_id, token_budget=self.token_budget,
+                                damping=damping, damping_scale=damping_scale)
+            scores = score_preconditioned(self.model, self.factors.specs, p, data, pad_id=self.tokenizer.pad_token_id,
+                                          token_budget=self.token_budget, progress=False).scores
+            values = np.diag(scores).astype(np.float64)
+            order = np.argsort(-values, kind="stable")
+            rows, values = rows[order], values[order]
+        texts = self.rows(rows, ("text",))["text"]
+        return [(int(r), float(v), t) for r, v, t in zip(rows, values, texts)]
 
     def lowrank(self, rows: np.ndarray, rank: int | None = None) -> torch.Tensor:
         """Stage-2 factors of the given rows at ``rank`` (≤ the built rank), read from the memory-mapped

@@ -284,3 +284,29 @@ def test_copies_of_a_text_share_one_exact_rescore_and_count_once_in_k2(ws, tmp_p
     from gradindex.evaluate import true_top
 
     assert {h.row for h in hits} <= true_top(exact, 12)  # copies tie: any of them is a true member
+
+
+def test_outliers_list_the_highest_self_influence_stored_and_exact(ws, index):
+    from gradindex.scores import sequence_gradients
+
+    # Independent: I(z, z) = Σ_layers |G̃_z / sqrt(Λ + λ)|² with G̃ = Q_Sᵀ G_z Q_A, λ = 0.1 · mean Λ.
+    data = index.tokenized(range(N))
+    grads = sequence_gradients(index.model, index.factors.specs, data, pad_id=index.tokenizer.pad_token_id)
+    truth = sum(
+        (index.factors.rotate(name, g).double().square() / (index.factors.layers[name].lam.double() + index.factors.damping(name))).sum((1, 2))
+        for name, g in grads.items()
+    ).numpy()
+    order = np.argsort(-truth)
+    stored = index.outliers(5)
+    exact = index.outliers(5, exact=True)
+    for listing in (stored, exact):
+        assert [r for r, _, _ in listing] == order[:5].tolist()
+        np.testing.assert_allclose([v for _, v, _ in listing], truth[order[:5]], rtol=1e-4)
+    texts = [json.loads(line)["text"] for line in (ws / "train.jsonl").read_text().splitlines()]
+    assert all(t == texts[r] for r, _, t in stored)
+    heavier = index.outliers(5, exact=True, damping_scale=10.0)
+    assert all(h < e for (_, h, _), (_, e, _) in zip(sorted(heavier), sorted(exact)))
+    result = runner.invoke(app, ["outliers", str(ws / "idx"), "-n", "3", "--json"])
+    assert result.exit_code == 0 and [json.loads(x)["row"] for x in result.stdout.strip().splitlines()] == order[:3].tolist()
+    bad = runner.invoke(app, ["outliers", str(ws / "idx"), "-n", "0"])
+    assert bad.exit_code == 2 and "n must be between" in bad.output
