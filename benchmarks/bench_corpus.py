@@ -40,10 +40,8 @@ import importlib.util
 import json
 import random
 import re
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -135,24 +133,7 @@ def prepare_benchmark(cache_dir: str | Path = DEFAULT_CACHE_DIR, n_sequences: in
         ed._log(f"reusing cached benchmark corpus in {final_dir}")
         return _artifacts(final_dir, cfg)
 
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Built in a scratch directory and renamed into place, so an interrupted run never leaves a
-    # cache that looks complete.
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=final_dir.parent))
-    try:
-        _build(cfg, settings, work_dir)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        try:
-            work_dir.rename(final_dir)
-        except OSError:
-            # Another process finished the same build first.
-            if not _is_complete(final_dir, settings):
-                raise
-            shutil.rmtree(work_dir)
-    except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        raise
+    ed.build_into_place(final_dir, lambda work_dir: _build(cfg, settings, work_dir), lambda: _is_complete(final_dir, settings))
     return _artifacts(final_dir, cfg)
 
 

@@ -25,7 +25,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,25 +134,29 @@ def prepare_example(cache_dir: str | Path = DEFAULT_CACHE_DIR, quick: bool = Fal
         _log(f"reusing cached example in {final_dir}")
         return _artifacts(final_dir, cfg)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Everything is built in a scratch directory and renamed into place at the
-    # end, so an interrupted run never leaves a cache that looks complete.
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{cfg.name}-", dir=cache_dir))
+    build_into_place(final_dir, lambda work_dir: _build(cfg, settings, work_dir), lambda: _is_complete(final_dir, settings))
+    return _artifacts(final_dir, cfg)
+
+
+def build_into_place(final_dir: Path, build: Callable[[Path], None], is_complete: Callable[[], bool]) -> None:
+    """Run ``build`` in a scratch directory beside ``final_dir`` and rename it into place at the end, so an
+    interrupted run never leaves a cache that looks complete."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=final_dir.parent))
     try:
-        _build(cfg, settings, work_dir)
+        build(work_dir)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         try:
             work_dir.rename(final_dir)
         except OSError:
             # Another process finished the same build first.
-            if not _is_complete(final_dir, settings):
+            if not is_complete():
                 raise
             shutil.rmtree(work_dir)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    return _artifacts(final_dir, cfg)
 
 
 def load_facts(path: Path = FACTS_PATH) -> list[dict[str, Any]]:
