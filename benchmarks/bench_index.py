@@ -28,7 +28,7 @@ from gradindex import ann
 from gradindex.build import build
 from gradindex.compress import CompressionConfig
 from gradindex.data import Query, collate, load_queries, plan_batches, tokenize_texts
-from gradindex.evaluate import exact_scores, true_top
+from gradindex.evaluate import true_top
 from gradindex.model import load_model
 from gradindex.pipeline import fit
 from gradindex.search import GradIndex
@@ -122,7 +122,7 @@ def main() -> None:
         exact = np.load(exact_path)
     else:
         t = time.perf_counter()
-        exact = exact_scores(index, queries)
+        exact = index.all_scores(queries, progress=True)
         report["brute_force_batched_seconds"] = time.perf_counter() - t
         np.save(exact_path, exact)
     report["brute_force_single_query_seconds"] = single_query_brute_force(index, queries[0], rows=8192)

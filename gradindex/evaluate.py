@@ -11,9 +11,8 @@ import numpy as np
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from .data import Query, load_queries, tokenize_queries
+from .data import Query, load_queries
 from .errors import GradIndexError
-from .scores import query_gradients, score_preconditioned
 from .search import GradIndex
 
 _DEPTHS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -53,20 +52,6 @@ class EvalReport:
         return asdict(self)
 
 
-def exact_scores(index: GradIndex, queries: Sequence[Query], *, damping=None, damping_scale=None, progress: bool = True) -> np.ndarray:
-    """Brute force: exact influence of every indexed row on every query, (Q, N) float32."""
-    tokenized = tokenize_queries(index.tokenizer, list(queries), index.max_query_length)
-    p = query_gradients(index.model, index.factors, tokenized, pad_id=index.tokenizer.pad_token_id, token_budget=index.token_budget,
-                        damping=damping, damping_scale=damping_scale)
-    out = np.zeros((len(queries), index.n), np.float32)
-    for j in tqdm(range(len(index.manifest["shards"])), desc="brute-force exact scores", unit="shard", disable=not progress):
-        rows = np.arange(j * index.shard_size, min((j + 1) * index.shard_size, index.n))
-        result = score_preconditioned(index.model, index.factors.specs, p, index.tokenized(rows), pad_id=index.tokenizer.pad_token_id,
-                                      token_budget=index.token_budget, progress=False)
-        out[:, rows] = result.scores
-    return out
-
-
 def evaluate(
     index: GradIndex,
     queries: Sequence[Query] | str | Path,
@@ -90,7 +75,7 @@ def evaluate(
     brute_seconds = float("nan")
     if exact is None:
         started = time.perf_counter()
-        exact = exact_scores(index, queries, progress=progress)
+        exact = index.all_scores(queries, progress=progress)
         brute_seconds = (time.perf_counter() - started) / len(queries)
     sides, latencies, stages = {}, [], {}
     for sign, name in ((1.0, "proponents"), (-1.0, "opponents")):

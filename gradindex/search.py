@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from . import ann
 from .compress import CompressionConfig, Compressor
@@ -177,6 +178,34 @@ class GradIndex:
             order = np.argsort(local)  # ascending reads are kinder to the page cache
             out[where[order]] = self._lowrank[j][local[order], :width]
         return torch.from_numpy(out)
+
+    def all_scores(self, queries: Sequence[Query], *, exact: bool = True, damping: float | None = None,
+                   damping_scale: float | None = None, progress: bool = False) -> np.ndarray:
+        """Influence of every indexed row on each query, (Q, N) float32, for analyses over the whole set.
+
+        ``exact``: brute-force EK-FAC scores (as slow as scoring the training set once). Otherwise the
+        stage-1 estimate from one pass over the stored vectors: fast, but sketched and at the heavier
+        stage-1 damping, so only its shape (not its scale) is comparable with exact scores.
+        """
+        tokenized = tokenize_queries(self.tokenizer, list(queries), self.max_query_length)
+        pad = self.tokenizer.pad_token_id
+        out = np.zeros((len(tokenized), self.n), np.float32)
+        if exact:
+            p = query_gradients(self.model, self.factors, tokenized, pad_id=pad, token_budget=self.token_budget,
+                                damping=damping, damping_scale=damping_scale)
+        else:
+            grads = sequence_gradients(self.model, self.factors.specs, tokenized, pad_id=pad, token_budget=self.token_budget)
+            vectors = self.compressor.query_vectors({n: self.factors.rotate(n, g).float() for n, g in grads.items()})[0]
+            vectors = vectors.cpu().numpy().astype(np.float32)
+        shards = range(len(self._lowrank))
+        for j in tqdm(shards, desc="exact scores" if exact else "stage-1 scores", unit="shard", disable=not progress):
+            rows = np.arange(j * self.shard_size, min((j + 1) * self.shard_size, self.n))
+            if exact:
+                out[:, rows] = score_preconditioned(self.model, self.factors.specs, p, self.tokenized(rows), pad_id=pad,
+                                                    token_budget=self.token_budget, progress=False).scores
+            else:
+                out[:, rows] = vectors @ np.load(shard_path(self.root, j, "vectors"), mmap_mode="r").astype(np.float32).T
+        return out
 
     # -- querying ---------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from gradindex import build as build_module
 from gradindex import pipeline
-from gradindex.data import Query
+from gradindex.data import Query, load_queries
 from gradindex.build import build, merge
 from gradindex.compress import CompressionConfig
 from gradindex.errors import GradIndexError
@@ -101,6 +101,14 @@ def test_default_cascade_scores_are_exact_and_breakdowns_add_up(index, exact, ws
         assert sum(h.token_scores) == pytest.approx(h.score, rel=1e-3, abs=1e-6)
         assert len(h.tokens) == len(h.token_scores)
         assert h.text == json.loads((ws / "train.jsonl").read_text().splitlines()[h.row])["text"]
+
+
+def test_all_scores_exact_is_brute_force_and_stage1_is_the_faiss_inner_product(index, exact, ws):
+    queries = load_queries(ws / "queries.jsonl")
+    np.testing.assert_allclose(index.all_scores(queries), exact, rtol=1e-4, atol=1e-6 * np.abs(exact).max())
+    stage1 = index.all_scores(queries, exact=False)
+    result = index.query(queries[0].prompt, queries[0].completion, k=3, k1=N, k2=N, trace=True)
+    np.testing.assert_allclose(stage1[0, result.trace.stage1_rows], result.trace.stage1_scores, rtol=2e-3, atol=1e-6)
 
 
 def test_cosine_scores_are_normalised(index):
