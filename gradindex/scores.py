@@ -5,6 +5,9 @@ Training gradients are never stored: each batch's token matrices are contracted 
 once, and the per-token terms are the token-wise influences.
 Both gradients are of summed negative log-likelihoods, so I > 0 means up-weighting z raises
 log p(completion | prompt).
+
+Query batching (the paper's §3.3): many queries are held at once as rank-r factors of each layer's
+P_q (``low_rank``), r·(d_out + d_in) numbers instead of d_out·d_in per query and layer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .capture import capture, device_and_dtype
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
+from .errors import GradIndexError
 from .factors import Factors
 from .layers import LayerSpec
 
@@ -68,7 +72,44 @@ def query_gradients(
     return {name: factors.precondition(name, g, damping, damping_scale) for name, g in grads.items()}
 
 
-def contract(p: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+@dataclass
+class LowRankQuery:
+    """P_q ≈ left @ rightᵀ per query: the top-r singular triplets, left = U·diag(σ) (Q, d_out, r), right = V (Q, d_in, r)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.left.shape[0], self.left.shape[1], self.right.shape[1]
+
+    def full(self, queries: slice = slice(None)) -> torch.Tensor:
+        return self.left[queries] @ self.right[queries].transpose(1, 2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.left.numel() * self.left.element_size() + self.right.numel() * self.right.element_size()
+
+
+def low_rank(p: dict[str, torch.Tensor], rank: int) -> dict[str, LowRankQuery]:
+    """Rank-``rank`` truncated SVD of every query's preconditioned gradient, per layer (exact when the rank
+    reaches min(d_out, d_in))."""
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
+        raise GradIndexError(f"query rank must be a positive integer, got {rank!r}")
+    out = {}
+    for name, x in p.items():
+        u, sigma, vh = torch.linalg.svd(x, full_matrices=False)
+        r = min(rank, sigma.shape[-1])
+        out[name] = LowRankQuery(u[..., :r] * sigma[..., None, :r], vh[..., :r, :].transpose(1, 2).contiguous())
+    return out
+
+
+def query_bytes(p: dict[str, torch.Tensor | LowRankQuery]) -> int:
+    """Memory the held query gradients take."""
+    return sum(x.nbytes if isinstance(x, LowRankQuery) else x.numel() * x.element_size() for x in p.values())
+
+
+def contract(p: torch.Tensor | LowRankQuery, a: torch.Tensor, delta: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     """Σ_t δ_tᵀ P_q a_t for every query q and sequence b: (Q, B), or (Q, B, T) per token.
 
     Per token (or for a single query) it goes through the token matrices; otherwise it forms each
@@ -76,6 +117,8 @@ def contract(p: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, per_token: b
     """
     n_q, d_out, d_in = p.shape
     n_b, n_t = a.shape[:2]
+    if isinstance(p, LowRankQuery):
+        return _contract_low_rank(p, a, delta, per_token)
     if per_token or n_q * n_t <= n_q + n_t:
         step = max(1, _MAX_ELEMENTS // max(1, n_b * n_t * d_out))
         parts = [torch.einsum("bti,qoi,bto->qbt", a, p[i : i + step], delta) for i in range(0, n_q, step)]
@@ -85,6 +128,27 @@ def contract(p: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, per_token: b
     flat = p.reshape(n_q, -1)
     parts = [flat @ torch.einsum("bto,bti->boi", delta[i : i + step], a[i : i + step]).reshape(-1, d_out * d_in).T for i in range(0, n_b, step)]
     return torch.cat(parts, dim=1)
+
+
+def _contract_low_rank(p: LowRankQuery, a: torch.Tensor, delta: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """Σ_t (δ_tᵀ left)·(a_tᵀ right) through the factors, or, when that costs more (many queries, long
+    sequences), through each sequence's gradient against P rebuilt a chunk of queries at a time."""
+    n_q, d_out, d_in = p.shape
+    n_b, n_t = a.shape[:2]
+    r = p.left.shape[2]
+    factored = n_q * n_t * r * (d_out + d_in)
+    rebuilt = n_t * d_out * d_in + n_q * d_out * d_in * (1 + r / n_b)
+    if per_token or factored <= rebuilt:
+        step = max(1, _MAX_ELEMENTS // max(1, n_b * n_t * r))
+        parts = [
+            (torch.einsum("bto,qor->qbtr", delta, p.left[i : i + step]) * torch.einsum("bti,qir->qbtr", a, p.right[i : i + step])).sum(-1)
+            for i in range(0, n_q, step)
+        ]
+        out = torch.cat(parts)
+        return out if per_token else out.sum(-1)
+    grads = torch.einsum("bto,bti->boi", delta, a).reshape(n_b, -1)
+    step = max(1, _MAX_ELEMENTS // (d_out * d_in))
+    return torch.cat([p.full(slice(i, i + step)).reshape(-1, d_out * d_in) @ grads.T for i in range(0, n_q, step)])
 
 
 def compute_scores(
@@ -99,10 +163,14 @@ def compute_scores(
     damping_scale: float | None = None,
     per_layer: bool = False,
     per_token: bool = False,
+    query_rank: int | None = None,
     progress: bool = True,
 ) -> ScoreResult:
-    """Exact EK-FAC influence of every training sequence on every query."""
+    """EK-FAC influence of every training sequence on every query, all queries in one pass over ``train``;
+    exact, or with each query's preconditioned gradient cut to rank ``query_rank``."""
     p = query_gradients(model, factors, queries, pad_id=pad_id, token_budget=token_budget, damping=damping, damping_scale=damping_scale)
+    if query_rank is not None:
+        p = low_rank(p, query_rank)
     return score_preconditioned(
         model, factors.specs, p, train, pad_id=pad_id, token_budget=token_budget,
         per_layer=per_layer, per_token=per_token, progress=progress,
@@ -112,7 +180,7 @@ def compute_scores(
 def score_preconditioned(
     model: nn.Module,
     layers: list[LayerSpec],
-    p: dict[str, torch.Tensor],
+    p: dict[str, torch.Tensor | LowRankQuery],
     train: TokenizedSet,
     *,
     pad_id: int,
