@@ -30,10 +30,12 @@ from .compress import CompressionConfig, Compressor
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, load_texts, plan_batches, tokenize_texts
 from .errors import GradIndexError
 from .factors import CONFIG_FILE, FACTORS_FILE, Factors, rotated_sequence_gradients
+from .lexical import LEXICAL_DIR, Lexical
 from .model import model_fingerprint, resolve_max_length, tokenizer_fingerprint
 from .store import (
     BUILD_CONFIG, FACTORS_DIR, INDEX_FILE, MANIFEST, SCHEMA_VERSION, BuildConfig, atomic_save_npy, atomic_write_text,
-    config_differences, file_entry, load_build_config, read_record, save_build_config, sha256, shard_path, write_record,
+    config_differences, file_entry, load_build_config, read_record, save_build_config, sha256, shard_path, shard_texts,
+    write_record,
 )
 
 DEFAULT_SHARD_SIZE = 4096
@@ -253,6 +255,7 @@ def finalize(out: str | Path, *, max_memory: int = ann.DEFAULT_MAX_MEMORY, index
     ann.save_index(index, tmp)
     os.replace(tmp, out / INDEX_FILE)
     manifest = _manifest(out, config, records, key, dim, index)
+    Lexical.fit(shard_texts(out, config.n_shards)).save(out / LEXICAL_DIR, manifest["tokens_fingerprint"])
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 

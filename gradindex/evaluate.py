@@ -25,6 +25,8 @@ class Side:
     recall_at_k: float  # final top-k vs exact top-k
     stage1_recall: float  # share of the exact top-k among the k1 FAISS candidates
     stage2_recall: float  # … among the k2 kept after low-rank rescoring
+    tfidf_recall: float  # … among the k2 texts most TF-IDF-similar to the query (the same budget)
+    hybrid_recall: float  # … among the index's best k2/2 and TF-IDF's best after them (the same budget)
     stage1_spearman: float  # stage-1 scores vs exact, on the k1 candidates
     stage2_spearman: float  # stage-2 scores vs exact, on the k1 candidates
     exact_max_rel_diff: float  # stage 3 vs brute force on the returned rows (should be ~1e-6)
@@ -87,7 +89,12 @@ def evaluate(
             latencies.append(result.seconds["total"])
             for stage, s in result.seconds.items():
                 stages.setdefault(stage, []).append(s)
-            rows.append(_measure(result.trace, sign * exact[q], k, sign))
+            measured = _measure(result.trace, sign * exact[q], k, sign)
+            by_stage2 = result.trace.stage1_rows[np.argsort(-sign * result.trace.stage2_scores, kind="stable")]
+            for source in ("tfidf", "hybrid"):
+                kept = index.shortlist(by_stage2, query, k2, source)[0]
+                measured[f"{source}_recall"] = _recall(true_top(sign * exact[q], k), kept, k)
+            rows.append(measured)
         sides[name] = _average(rows)
     return EvalReport(
         k=k, k1=k1, k2=k2, n_rows=index.n, n_queries=len(queries),
@@ -153,6 +160,7 @@ def _average(rows: list[dict]) -> Side:
 
     return Side(
         recall_at_k=mean("recall_at_k"), stage1_recall=mean("stage1_recall"), stage2_recall=mean("stage2_recall"),
+        tfidf_recall=mean("tfidf_recall"), hybrid_recall=mean("hybrid_recall"),
         stage1_spearman=mean("stage1_spearman"), stage2_spearman=mean("stage2_spearman"),
         exact_max_rel_diff=float(np.max([r["exact_max_rel_diff"] for r in rows])),
         stage1_recall_at_depth=depth_mean("stage1_recall_at_depth"), stage2_recall_at_depth=depth_mean("stage2_recall_at_depth"),

@@ -3,7 +3,8 @@
     stage 1  FAISS inner product over stage-1 vectors         → top k1 candidates
     stage 2  Σ_layers ⟨W(G_q), U Vᵀ⟩ from memory-mapped factors → top k2 of those
     stage 3  exact EK-FAC influence of the k2 (as ``scores``)  → top k
-Opponents (most negative influence) run the same cascade on the negated query.
+Opponents (most negative influence) run the same cascade on the negated query. The k2 rescored can
+instead come from TF-IDF similarity to the query text, or half from each (``candidates="hybrid"``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from .compress import CompressionConfig, Compressor
 from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, load_queries, tokenize_queries
 from .errors import GradIndexError
 from .factors import Factors
+from .lexical import LEXICAL_DIR, Lexical
 from .model import model_fingerprint, resolve_max_length, tokenizer_fingerprint
 from .scores import query_gradients, score_preconditioned, sequence_gradients
-from .store import FACTORS_DIR, INDEX_FILE, check_sizes, load_manifest, shard_path
+from .store import FACTORS_DIR, INDEX_FILE, check_sizes, load_manifest, shard_path, shard_texts
 
 DEFAULT_K1 = 1000
 DEFAULT_K2 = 100
+CANDIDATE_SOURCES = ("index", "tfidf", "hybrid")
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Hit:
     row: int  # global row id in the index (= offset in the training data)
     score: float  # exact EK-FAC influence (cosine-normalised with ``cosine=True``)
     approx_score: float  # stage-2 low-rank estimate, same normalisation
-    stage1_score: float  # the FAISS inner product (heavier damping: comparable within a query only)
+    stage1_score: float  # the stage-1 inner product (heavier damping: comparable within a query only)
     text: str
     source: str
     offset: int
@@ -54,7 +57,7 @@ class Trace:
     stage1_rows: np.ndarray  # in FAISS order
     stage1_scores: np.ndarray
     stage2_scores: np.ndarray  # of every stage-1 candidate
-    stage2_rows: np.ndarray  # the k2 kept
+    stage2_rows: np.ndarray  # the rows of the k2 texts rescored exactly
     exact_rows: np.ndarray  # the final k
     exact_scores: np.ndarray
 
@@ -86,6 +89,8 @@ class GradIndex:
         n_shards = len(manifest["shards"])
         self._lowrank = [np.load(shard_path(root, j, "lowrank"), mmap_mode="r") for j in range(n_shards)]
         self._meta: dict[int, object] = {}
+        self._lexical: Lexical | None = None
+        self._vectors: list[np.ndarray] | None = None
         self.max_query_length = resolve_max_length(model, None)
 
     @classmethod
@@ -170,14 +175,72 @@ class GradIndex:
         """Stage-2 factors of the given rows at ``rank`` (≤ the built rank), read from the memory-mapped
         shards: only those rows, and only the prefix of each that the rank needs."""
         width = self.compressor.component_dim * min(rank or self.compressor.config.rank, self.compressor.config.rank)
-        out = np.empty((len(rows), width), dtype=self._lowrank[0].dtype)
+        return torch.from_numpy(self._read(self._lowrank, rows, width))
+
+    def stage1_scores(self, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        """Stage-1 inner products of stored rows with one query's stage-1 vector."""
+        if self._vectors is None:
+            self._vectors = [np.load(shard_path(self.root, j, "vectors"), mmap_mode="r") for j in range(len(self._lowrank))]
+        return self._read(self._vectors, rows, None).astype(np.float32) @ vector.astype(np.float32)
+
+    def _read(self, arrays: list[np.ndarray], rows: np.ndarray, width: int | None) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        width = width or arrays[0].shape[1]
+        out = np.empty((len(rows), width), dtype=arrays[0].dtype)
         shard = rows // self.shard_size
         for j in np.unique(shard):
             where = np.nonzero(shard == j)[0]
             local = rows[where] - j * self.shard_size
             order = np.argsort(local)  # ascending reads are kinder to the page cache
-            out[where[order]] = self._lowrank[j][local[order], :width]
-        return torch.from_numpy(out)
+            out[where[order]] = arrays[j][local[order], :width]
+        return out
+
+    def lexical(self) -> Lexical:
+        """The TF-IDF of every indexed text (written at build time; rebuilt from the metadata if missing)."""
+        if self._lexical is None:
+            self._lexical = Lexical.load_or_fit(self.root / LEXICAL_DIR, self.manifest["tokens_fingerprint"],
+                                                lambda: shard_texts(self.root, len(self._lowrank)))
+        return self._lexical
+
+    def shortlist(self, by_stage2: np.ndarray, query: Query, k2: int, source: str = "index") -> tuple[np.ndarray, list, list[list[int]]]:
+        """The k2 distinct texts to rescore exactly: the index's best by stage-2 score (``by_stage2``, best
+        first), the most TF-IDF-similar to the query's text, or the index's best half then TF-IDF's.
+
+        Returns every kept row (copies of a kept text included), their token ids, and the rows grouped by
+        text (positions into the rows, first = the one rescored): copies share one gradient, so k2 counts texts.
+        """
+        if source not in CANDIDATE_SOURCES:
+            raise GradIndexError(f"candidates must be one of {', '.join(CANDIDATE_SOURCES)}; got {source!r}")
+        rows: list[int] = []
+        seen: set[int] = set()
+        ids: list = []
+        groups: list[list[int]] = []
+        group_of: dict[tuple, int] = {}
+
+        def take(ranked: np.ndarray, limit: int, chunk: int) -> None:
+            for start in range(0, len(ranked), chunk):
+                part = ranked[start : start + chunk]
+                for row, seq in zip(part.tolist(), self.rows(part, ("input_ids",))["input_ids"]):
+                    key = tuple(seq)
+                    if key not in group_of:
+                        if len(groups) >= limit:
+                            continue
+                        group_of[key] = len(groups)
+                        groups.append([])
+                    elif row in seen:
+                        continue
+                    groups[group_of[key]].append(len(rows))
+                    rows.append(row)
+                    seen.add(row)
+                    ids.append(seq)
+                if len(groups) >= limit:
+                    return
+
+        if source != "tfidf":
+            take(by_stage2, k2 if source == "index" else (k2 + 1) // 2, max(1, len(by_stage2)))
+        if source != "index" and len(groups) < k2:
+            take(self.lexical().ranking(f"{query.prompt}{query.completion}"), k2, 1024)
+        return np.asarray(rows, dtype=np.int64), ids, groups
 
     def all_scores(self, queries: Sequence[Query], *, exact: bool = True, damping: float | None = None,
                    damping_scale: float | None = None, progress: bool = False) -> np.ndarray:
@@ -227,6 +290,7 @@ class GradIndex:
         damping_scale: float | None = None,
         nprobe: int | None = None,
         rank: int | None = None,
+        candidates: str = "index",
         trace: bool = False,
     ) -> list[QueryResult]:
         """Run the cascade for each query. ``opponents``: most negative influence instead of most positive.
@@ -234,6 +298,8 @@ class GradIndex:
         ``cosine``: scores divided by both sequences' whitened-gradient norms (at the build's stage-2
         damping), which removes the pull of long, high-loss sequences. ``rank``: stage-2 rank (default
         the built one); lower is faster and coarser. ``nprobe``: IVF lists searched (IVF indexes only).
+        ``candidates``: where the k2 texts rescored exactly come from: "index" (stage 2), "tfidf" (lexical
+        similarity to prompt + completion) or "hybrid" (half each).
         """
         if isinstance(queries, (str, Path)):
             queries = load_queries(queries)
@@ -242,6 +308,8 @@ class GradIndex:
         built = self.compressor.config.rank
         if rank is not None and not 1 <= rank <= built:
             raise GradIndexError(f"rank must be between 1 and the index's stage-2 rank {built}, got {rank}")
+        if candidates not in CANDIDATE_SOURCES:
+            raise GradIndexError(f"candidates must be one of {', '.join(CANDIDATE_SOURCES)}; got {candidates!r}")
         started = time.perf_counter()
         tokenized = tokenize_queries(self.tokenizer, queries, self.max_query_length)
         grads = sequence_gradients(self.model, self.factors.specs, tokenized, pad_id=self.tokenizer.pad_token_id,
@@ -252,37 +320,47 @@ class GradIndex:
         query_norms = torch.sqrt(sum(w.double().square().sum((1, 2)) for w in whitened.values())).numpy()
         gradient_seconds = (time.perf_counter() - started) / len(queries)
         t = time.perf_counter()
-        s1_scores, s1_rows = ann.search(self.index, sign * vectors.cpu().numpy(), k1, nprobe)
+        vectors_np = vectors.cpu().numpy()
+        s1_scores, s1_rows = ann.search(self.index, sign * vectors_np, k1, nprobe)
         search_seconds = (time.perf_counter() - t) / len(queries)
         results = []
         for q, query in enumerate(queries):
             timings = {"gradient": gradient_seconds, "stage1": search_seconds}
             keep = s1_rows[q] >= 0
             rows1, scores1 = s1_rows[q][keep], sign * s1_scores[q][keep]
+            stage1 = dict(zip(rows1.tolist(), scores1.tolist()))
             t = time.perf_counter()
-            approx = self.compressor.lowrank_scores(self.lowrank(rows1, rank), {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
-            norms = np.ones(len(rows1))
-            if cosine:
-                norms = np.sqrt(np.maximum(self.self_influence(rows1), 1e-300)) * max(query_norms[q], 1e-300)
-            approx = approx / norms
-            order = np.argsort(-sign * approx, kind="stable")
-            # Copies of one text have one gradient: k2 counts distinct texts, each scored once exactly.
-            ids = self.rows(rows1[order], ("input_ids",))["input_ids"]
-            groups = _distinct(ids, k2)
-            reps = order[[g[0] for g in groups]]
+            w_q = {n: w[q : q + 1] for n, w in whitened.items()}
+
+            def normaliser(rows: np.ndarray) -> np.ndarray:
+                if not cosine:
+                    return np.ones(len(rows))
+                return np.sqrt(np.maximum(self.self_influence(rows), 1e-300)) * max(query_norms[q], 1e-300)
+
+            def stage2(rows: np.ndarray) -> np.ndarray:
+                return self.compressor.lowrank_scores(self.lowrank(rows, rank), w_q)[0].numpy() / normaliser(rows)
+
+            approx = stage2(rows1)
+            kept, ids, groups = self.shortlist(rows1[np.argsort(-sign * approx, kind="stable")], query, k2, candidates)
+            reps = kept[[g[0] for g in groups]]
+            known = dict(zip(rows1.tolist(), approx.tolist()))
+            unseen = np.array([r for r in kept.tolist() if r not in known], dtype=np.int64)  # TF-IDF's own picks
+            if len(unseen):
+                known.update(zip(unseen.tolist(), stage2(unseen).tolist()))
+                stage1.update(zip(unseen.tolist(), self.stage1_scores(unseen, vectors_np[q]).tolist()))
             timings["stage2"] = time.perf_counter() - t
             t = time.perf_counter()
             p = {name: self.factors.precondition(name, g[q : q + 1], damping, damping_scale) for name, g in grads.items()}
             exact = score_preconditioned(self.model, self.factors.specs, p, _training_set([ids[g[0]] for g in groups]),
                                          pad_id=self.tokenizer.pad_token_id, token_budget=self.token_budget, per_layer=True,
                                          per_token=per_token, progress=False)
-            rep_scores = exact.scores[0].astype(np.float64) / norms[reps]
-            members = [(int(rows1[order[i]]), gi) for gi, g in enumerate(groups) for i in g]  # (row, group)
+            rep_scores = exact.scores[0].astype(np.float64) / normaliser(reps)
+            members = [(int(kept[i]), gi) for gi, g in enumerate(groups) for i in g]  # (row, group)
             member_rows = np.array([m[0] for m in members])
             member_scores = np.array([rep_scores[gi] for _, gi in members])
             final = np.lexsort((member_rows, -sign * member_scores))[:k]
             timings["stage3"] = time.perf_counter() - t
-            hits = self._hits([members[f] for f in final], exact, rep_scores, approx[reps], rows1, scores1, per_token)
+            hits = self._hits([members[f] for f in final], exact, rep_scores, [known[r] for r in reps.tolist()], stage1, per_token)
             timings["total"] = sum(timings.values())
             results.append(QueryResult(
                 query.prompt, query.completion, opponents, hits, timings,
@@ -301,11 +379,10 @@ class GradIndex:
             raise GradIndexError("k1 and k2 must be positive")
         return k1, k2
 
-    def _hits(self, chosen: list[tuple[int, int]], exact, rep_scores, rep_approx, rows1, scores1, per_token) -> list[Hit]:
+    def _hits(self, chosen: list[tuple[int, int]], exact, rep_scores, rep_approx, stage1: dict[int, float], per_token) -> list[Hit]:
         """Hits for (row, group) pairs; a group's exact numbers come from its representative."""
         rows = [row for row, _ in chosen]
         meta = self.rows(rows, ("text", "source", "offset", "input_ids"))
-        stage1 = dict(zip(rows1.tolist(), scores1.tolist()))
         hits = []
         for i, (row, g) in enumerate(chosen):
             tokens = token_scores = None
@@ -325,17 +402,3 @@ def _training_set(ids: Sequence[Sequence[int]]) -> TokenizedSet:
     """Stored token ids as training text: every token but the first is scored."""
     arrays = [np.asarray(x, dtype=np.int64) for x in ids]
     return TokenizedSet(arrays, [np.arange(len(x)) > 0 for x in arrays])
-
-
-def _distinct(ids: Sequence[Sequence[int]], limit: int) -> list[list[int]]:
-    """Positions grouped by identical token ids, groups in order of first appearance, the first ``limit``
-    groups (each lists every position of its text)."""
-    group_of: dict[tuple, int] = {}
-    groups: list[list[int]] = []
-    for i, seq in enumerate(ids):
-        key = tuple(seq)
-        if key not in group_of:
-            group_of[key] = len(groups)
-            groups.append([])
-        groups[group_of[key]].append(i)
-    return groups[:limit]

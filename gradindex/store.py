@@ -20,8 +20,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from .errors import GradIndexError
 
@@ -195,3 +197,9 @@ def verify(root: Path) -> list[str]:
 
 def file_entry(root: Path, path: Path) -> dict:
     return {"name": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def shard_texts(root: Path, n_shards: int) -> Iterator[str]:
+    """Every stored text, in row order."""
+    for j in range(n_shards):
+        yield from pq.read_table(shard_path(root, j, "meta"), columns=["text"]).column("text").to_pylist()

@@ -1,8 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from gradindex.data import Query, tokenize_queries, tokenize_texts
-from tiny import random_texts, tiny_model, word_tokenizer
+from tiny import N, build_args, random_texts, tiny_model, word_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +25,40 @@ def tiny_sets(tokenizer):
 @pytest.fixture(params=["gpt2", "llama", "neox", "opt"])
 def model64(request):
     return tiny_model(request.param, width=8, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory):
+    """A tiny saved model (and a differently seeded twin), N training texts, two queries, factors and a built index."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from gradindex import pipeline
+
+    root = tmp_path_factory.mktemp("index")
+    for name, seed in (("model", 0), ("other_model", 1)):
+        tiny_model("gpt2", width=16, seed=seed).save_pretrained(root / name)
+        word_tokenizer().save_pretrained(root / name)
+    texts = random_texts(N, seed=3)
+    (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    queries = [{"prompt": "the king of the north", "completion": " wrote a book"}, {"prompt": "music by", "completion": " the old composer"}]
+    (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries))
+    pipeline.fit(str(root / "model"), str(root / "train.jsonl"), out=root / "factors", progress=False)
+    result = CliRunner().invoke(app, build_args(root, root / "idx"))
+    assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture(scope="session")
+def index(ws):
+    from gradindex.search import GradIndex
+
+    return GradIndex.open(ws / "idx")
+
+
+@pytest.fixture(scope="session")
+def exact(ws):
+    """Brute-force exact scores of the tiny index's training texts on its two queries, (2, N)."""
+    from gradindex import pipeline
+
+    return pipeline.score(ws / "model", ws / "factors", ws / "train.jsonl", ws / "queries.jsonl", progress=False).scores

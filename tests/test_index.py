@@ -20,46 +20,11 @@ from gradindex.compress import CompressionConfig
 from gradindex.errors import GradIndexError
 from gradindex.search import GradIndex
 from gradindex.store import shard_path
-from tiny import random_texts, tiny_model, word_tokenizer
+from tiny import N, SHARD, build_args, random_texts
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
-N = 70
-SHARD = 16
 COMPRESSION = CompressionConfig(stage1_dim=64, rank=4)
-
-
-def build_args(ws, out, *extra):
-    return ["build", str(ws / "model"), "--data", str(ws / "train.jsonl"), "--out", str(out), "--factors", str(ws / "factors"),
-            "--stage1-dim", "64", "--rank", "4", "--shard-size", str(SHARD), *extra]
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    for name, seed in (("model", 0), ("other_model", 1)):
-        tiny_model("gpt2", width=16, seed=seed).save_pretrained(root / name)
-        word_tokenizer().save_pretrained(root / name)
-    texts = random_texts(N, seed=3)
-    (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
-    queries = [{"prompt": "the king of the north", "completion": " wrote a book"}, {"prompt": "music by", "completion": " the old composer"}]
-    (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries))
-    pipeline.fit(str(root / "model"), str(root / "train.jsonl"), out=root / "factors", progress=False)
-    result = runner.invoke(app, build_args(root, root / "idx"))
-    assert result.exit_code == 0, result.output
-    return root
-
-
-@pytest.fixture(scope="module")
-def index(ws):
-    return GradIndex.open(ws / "idx")
-
-
-@pytest.fixture(scope="module")
-def exact(ws):
-    return pipeline.score(ws / "model", ws / "factors", ws / "train.jsonl", ws / "queries.jsonl", progress=False).scores
-
-
+ROOT = Path(__file__).resolve().parent.parent
 def shard_bytes(root):
     return {p.name: p.read_bytes() for p in sorted((root / "shards").glob("*.npy"))}
 

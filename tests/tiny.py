@@ -57,3 +57,13 @@ def random_texts(n: int, seed: int = 0, lo: int = 3, hi: int = 14) -> list[str]:
         idx = torch.randint(0, len(WORDS), (length,), generator=g)
         out.append(" ".join(WORDS[i] for i in idx))
     return out
+
+
+# The tiny index most index tests share (built once per session by conftest's ``ws`` fixture).
+N = 70
+SHARD = 16
+
+
+def build_args(ws, out, *extra):
+    return ["build", str(ws / "model"), "--data", str(ws / "train.jsonl"), "--out", str(out), "--factors", str(ws / "factors"),
+            "--stage1-dim", "64", "--rank", "4", "--shard-size", str(SHARD), *extra]
