@@ -273,6 +273,7 @@ def query(
     opponents: bool = typer.Option(False, "--opponents", help="Most negative influence instead of most positive."),
     cosine: bool = typer.Option(False, "--cosine", help="Unit-normalised scores (divide by both gradients' whitened norms)."),
     per_token: bool = typer.Option(False, "--per-token", help="Token-wise influence inside each result."),
+    candidates: str = typer.Option("index", "--candidates", help="Texts rescored exactly: index (stage 2), tfidf (lexical) or hybrid (half each)."),
     damping: Optional[float] = typer.Option(None, "--damping", help="Absolute damping of the exact rerank."),
     damping_scale: Optional[float] = typer.Option(None, "--damping-scale", help="Damping of the exact rerank, × mean eigenvalue (default 0.1)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output: one JSON object per query."),
@@ -289,7 +290,7 @@ def query(
     query_list = _queries(queries, prompt, completion)
     opened = GradIndex.open(index, model=model, dtype=dtype, device=device)
     results = opened.query_many(query_list, k, k1=k1, k2=k2, rank=rank, nprobe=nprobe, opponents=opponents, cosine=cosine,
-                                per_token=per_token, damping=damping, damping_scale=damping_scale)
+                                per_token=per_token, candidates=candidates, damping=damping, damping_scale=damping_scale)
     for r in results:
         if as_json:
             typer.echo(json.dumps({k_: v for k_, v in asdict(r).items() if k_ != "trace"}))
@@ -353,14 +354,38 @@ def eval_(
         typer.echo(json.dumps(report.to_dict()))
         return
     typer.echo(f"{report.n_queries} queries, {report.n_rows} sequences, k={report.k}, k1={report.k1}, k2={report.k2}")
-    typer.echo(f"{'':12s}{'recall@k':>10s}{'in stage 1':>12s}{'in stage 2':>12s}{'ρ stage 1':>11s}{'ρ stage 2':>11s}")
+    typer.echo(f"{'':12s}{'recall@k':>10s}{'in stage 1':>12s}{'in stage 2':>12s}{'in TF-IDF':>11s}{'in hybrid':>11s}"
+               f"{'ρ stage 1':>11s}{'ρ stage 2':>11s}")
     for name, side in (("proponents", report.proponents), ("opponents", report.opponents)):
         typer.echo(f"{name:12s}{side.recall_at_k:10.3f}{side.stage1_recall:12.3f}{side.stage2_recall:12.3f}"
-                   f"{side.stage1_spearman:11.3f}{side.stage2_spearman:11.3f}")
+                   f"{side.tfidf_recall:11.3f}{side.hybrid_recall:11.3f}{side.stage1_spearman:11.3f}{side.stage2_spearman:11.3f}")
+    typer.echo(f"(stage 2, TF-IDF and hybrid: the exact top-{report.k} among {report.k2} texts each)")
     stages = ", ".join(f"{s} {v * 1000:.1f}" for s, v in report.stage_seconds.items())
     typer.echo(f"latency p50 {report.latency_p50 * 1000:.1f} ms, p95 {report.latency_p95 * 1000:.1f} ms (mean ms: {stages})")
     typer.echo(f"brute-force exact: {report.brute_force_seconds * 1000:.1f} ms per query (all queries in one pass); "
                f"p50 speed-up {report.speedup_p50:.1f}×")
+
+
+@app.command()
+@friendly_errors
+def report(
+    index: Path = IndexArg,
+    prompt: str = typer.Option(..., "--prompt", help="The query's prompt."),
+    completion: str = typer.Option(..., "--completion", help="The completion whose log-likelihood is explained."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained: no scripts, no external resources)."),
+    k: int = typer.Option(10, "-k", "--k", help="Proponents and opponents shown."),
+    exact_sparsity: bool = typer.Option(False, "--exact-sparsity", help="Sparsity curve from exact scores of every sequence (slow) instead of the stage-1 estimate."),
+    k1: Optional[int] = K1Opt,
+    k2: Optional[int] = K2Opt,
+    model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of the recorded path (same weights)."),
+):
+    """One HTML page of a query's influence: top proponents and opponents with token heat maps and
+    per-layer bars, and how concentrated the influence is over the training set."""
+    from gradindex.report import write_report
+    from gradindex.search import GradIndex
+
+    path = write_report(GradIndex.open(index, model=model), prompt, completion, out, k=k, exact_sparsity=exact_sparsity, k1=k1, k2=k2)
+    typer.echo(str(path))
 
 
 def main() -> None:  # pragma: no cover - console entry point

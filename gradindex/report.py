@@ -1,0 +1,207 @@
+"""One self-contained HTML page of a query's influence, after the figures of Grosse et al. 2023: the top
+proponents and opponents with token-wise heat maps and per-layer bars, and how concentrated the
+influence is over the whole training set. Inline CSS and SVG only, so the file can be mailed or archived."""
+
+from __future__ import annotations
+
+import math
+import os
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+from . import analysis
+from .analysis import Sparsity
+from .data import Query
+from .errors import GradIndexError
+from .search import GradIndex, Hit, QueryResult
+
+RED, GREEN = (220, 38, 38), (22, 163, 74)  # supports / opposes the completion
+MAX_OPACITY = 0.85  # the strongest token stays readable under its colour
+MIN_SPARSITY_ROWS = 100  # analysis.sparsity refuses fewer
+# How byte-level BPE (GPT-2: Ġ Ċ ĉ) and SentencePiece (▁, byte fallback <0x0A>) tokenizers spell whitespace.
+WHITESPACE = {"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "▁": " ", "<0x0A>": "\n", "<0x09>": "\t"}
+LEGEND = (f'<span class="sw" style="background:rgba{(*RED, MAX_OPACITY)}"></span> supports the completion (positive influence) '
+          f'&nbsp; <span class="sw" style="background:rgba{(*GREEN, MAX_OPACITY)}"></span> opposes it (negative). '
+          "Token opacity ∝ |token score| / max |token score| within that sequence; layer bars ∝ |layer score| / max within it. "
+          "Token scores sum to the sequence's score; hover a token for its value.")
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;background:#f6f7f9;margin:0}
+main{max-width:1100px;margin:0 auto;padding:20px 24px 40px}
+h1{font-size:20px;margin:0 0 12px}h2{font-size:16px;margin:26px 0 8px}h2 small{font-weight:400;color:#656d76}
+.card{background:#fff;border:1px solid #d8dee4;border-radius:8px;padding:10px 14px;margin:0 0 8px}
+.query{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;font-size:14px}
+.query mark{background:#fde68a;border-radius:3px;padding:1px 0}
+.legend{color:#656d76;font-size:12.5px;margin:8px 0 0}.sw{display:inline-block;width:11px;height:11px;border-radius:2px;vertical-align:-1px}
+ol.hits{list-style:none;padding:0;margin:0}
+.head{display:flex;gap:12px;align-items:baseline;margin-bottom:6px}.rank{font-weight:700;color:#656d76}
+.score{font-weight:700;font-variant-numeric:tabular-nums}.pos{color:#b91c1c}.neg{color:#15803d}
+.meta{color:#656d76;font-size:12.5px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.body{display:flex;gap:18px}.tokens{flex:1;min-width:0;font:12.5px/1.7 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word}
+.tok{border-radius:2px}
+.layers{width:310px;flex:none;font-size:10.5px;line-height:13px}.layer{display:grid;grid-template-columns:105px 1fr 64px;gap:6px;align-items:center}
+.layer .name{font-family:ui-monospace,monospace;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;color:#656d76}
+.track{background:#eef0f3;height:7px;border-radius:2px}.bar{display:block;height:7px;border-radius:2px}
+.layer .value{text-align:right;font-variant-numeric:tabular-nums}
+.sparsity{display:flex;gap:24px;align-items:flex-start}.shares td,.shares th{padding:2px 10px 2px 0;text-align:left;font-weight:400}
+.shares td{font-weight:700;font-variant-numeric:tabular-nums}.note{color:#656d76;font-size:12.5px}
+"""
+
+
+def render(proponents: QueryResult, opponents: QueryResult | None, sparsity: Sparsity | None, curve: np.ndarray | None,
+           *, title: str = "gradindex report", note: str = "") -> str:
+    """The page as one string. ``curve``: :func:`share_curve` of the query's scores over the whole set;
+    ``note`` is shown with the sparsity section (say where its scores came from)."""
+    hits = proponents.hits + (opponents.hits if opponents else [])
+    marked = any(m in t for h in hits for t in h.tokens or () for m in WHITESPACE)
+    body = [f'<h1>{escape(title)}</h1><div class="card"><div class="query">{escape(proponents.prompt)}'
+            f'<mark>{escape(proponents.completion)}</mark></div><p class="legend">{LEGEND}</p></div>',
+            _hits_section("proponents", "raise the completion's log-probability", proponents, marked)]
+    if opponents is not None:
+        body.append(_hits_section("opponents", "lower it", opponents, marked))
+    body.append(_sparsity_section(sparsity, curve, note))
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f'<meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body><main>{"".join(body)}</main></body></html>\n')
+
+
+def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, k: int = 10, exact_sparsity: bool = False,
+                 **query_options) -> Path:
+    """Query the index for proponents and opponents, measure the sparsity of the influence, write the page."""
+    out = Path(out)
+    if out.is_dir():
+        raise GradIndexError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
+    proponents = index.query(prompt, completion, k=k, per_token=True, **query_options)
+    opponents = index.query(prompt, completion, k=k, per_token=True, opponents=True, **query_options)
+    sparsity = curve = None
+    if index.n < MIN_SPARSITY_ROWS:
+        note = f"Sparsity skipped: the index holds {index.n} sequences, the analysis needs at least {MIN_SPARSITY_ROWS}."
+    else:
+        damping = {key: query_options.get(key) for key in ("damping", "damping_scale")}
+        scores = index.all_scores([Query(prompt, completion)], exact=exact_sparsity, **damping)[0]
+        sparsity, curve = analysis.sparsity(scores), share_curve(scores)
+        note = (f"Exact: EK-FAC influence of all {index.n} sequences." if exact_sparsity else
+                "Approximate: stage-1 sketch, heavier damping (its shape, not its scale; --exact-sparsity scores every sequence exactly).")
+    _write_atomically(out, render(proponents, opponents, sparsity, curve, title=f"gradindex report · {index.root.name}", note=note))
+    return out
+
+
+def share_curve(scores: np.ndarray) -> np.ndarray:
+    """Cumulative share of Σ|influence| carried by the i+1 most influential sequences, for i < N."""
+    magnitude = np.sort(np.abs(np.asarray(scores, dtype=np.float64)))[::-1]
+    return np.cumsum(magnitude) / max(magnitude.sum(), 1e-300)
+
+
+def display_tokens(tokens: list[str], marked: bool = True) -> list[str]:
+    """Tokens as the text they stand for. A tokenizer that marks no whitespace (word-level) gets a space
+    before every token but the first; newlines show as ↵ so that their colour stays visible."""
+    out = []
+    for i, token in enumerate(tokens):
+        for marker, text in WHITESPACE.items():
+            token = token.replace(marker, text)
+        out.append((token if marked or i == 0 else " " + token).replace("\n", "↵\n"))
+    return out
+
+
+def _hits_section(kind: str, meaning: str, result: QueryResult, marked: bool) -> str:
+    cards = "".join(_card(rank, hit, marked) for rank, hit in enumerate(result.hits, 1))
+    return f'<section id="{kind}"><h2>Top {kind} <small>· {meaning}</small></h2><ol class="hits">{cards}</ol></section>'
+
+
+def _card(rank: int, hit: Hit, marked: bool) -> str:
+    sign = "pos" if hit.score >= 0 else "neg"
+    meta = f'row {hit.row} · {escape(Path(hit.source).name)} @ {hit.offset} · stage-2 estimate {hit.approx_score:+.4g}'
+    return (f'<li class="card hit" data-row="{hit.row}"><div class="head"><span class="rank">#{rank}</span>'
+            f'<span class="score {sign}">{hit.score:+.4g}</span><span class="meta" title="{escape(hit.source)}">{meta}</span></div>'
+            f'<div class="body"><div class="tokens">{_tokens(hit, marked)}</div>{_layer_bars(hit.per_layer)}</div></li>')
+
+
+def _tokens(hit: Hit, marked: bool) -> str:
+    if hit.tokens is None or hit.token_scores is None:
+        return escape(hit.text)
+    scale = max((abs(s) for s in hit.token_scores), default=0.0) or 1.0
+    return "".join(f'<span class="tok" style="background:{_rgba(RED if s > 0 else GREEN, MAX_OPACITY * abs(s) / scale)}" '
+                   f'title="{s:+.6g}">{escape(text)}</span>'
+                   for text, s in zip(display_tokens(hit.tokens, marked), hit.token_scores))
+
+
+def _layer_bars(per_layer: dict[str, float]) -> str:
+    if not per_layer:
+        return ""
+    common = os.path.commonprefix([name.split(".")[:-1] for name in per_layer])  # drop the shared "transformer.h." etc.
+    scale = max(abs(v) for v in per_layer.values()) or 1.0
+    rows = "".join(f'<div class="layer" title="{escape(name)}: {v:+.6g}"><span class="name">{escape(".".join(name.split(".")[len(common):]))}</span>'
+                   f'<span class="track"><span class="bar" style="width:{100 * abs(v) / scale:.1f}%;background:{_rgba(RED if v > 0 else GREEN, MAX_OPACITY)}">'
+                   f'</span></span><span class="value">{v:+.4g}</span></div>' for name, v in per_layer.items())
+    return f'<div class="layers">{rows}</div>'
+
+
+def _sparsity_section(sparsity: Sparsity | None, curve: np.ndarray | None, note: str) -> str:
+    parts = [f'<p class="note">{escape(note)}</p>' if note else ""]
+    if sparsity is not None:
+        rows = "".join(f'<tr><th>top {100 * f:g} % of sequences ({_rank(f, sparsity.n)} of {sparsity.n})</th>'
+                       f'<td class="share" data-fraction="{f!r}">{100 * s:.1f} %</td></tr>' for f, s in sparsity.top_share.items())
+        parts.append(f'<div class="sparsity">{_curve_svg(curve, sparsity) if curve is not None else ""}<div><p>Share of the total |influence| '
+                     f'carried by the most influential sequences:</p><table class="shares">{rows}</table><p>Power-law tail: |influence| ∝ '
+                     f'rank<sup>−α</sup> with <b>α = {sparsity.tail_exponent:.2f}</b> (fitted over ranks 10 … N/10).</p></div></div>')
+    return f'<section id="sparsity"><h2>How concentrated is the influence?</h2><div class="card">{"".join(parts)}</div></section>'
+
+
+def _curve_svg(curve: np.ndarray, sparsity: Sparsity, width: int = 560, height: int = 280) -> str:
+    """Cumulative share (y) against the fraction of sequences taken, most influential first (x, log scale)."""
+    n, (left, right, top, bottom) = len(curve), (44, 24, 12, 40)
+    lo = min(-1.0, math.log10(1 / n))
+
+    def x(f: float) -> float:
+        return left + (math.log10(f) - lo) / -lo * (width - left - right)
+
+    def y(s: float) -> float:
+        return top + (1 - s) * (height - top - bottom)
+
+    taken = np.unique(np.geomspace(1, n, 400).round().astype(int))  # a few hundred points whatever N is
+    line = " ".join(f"{x(r / n):.1f},{y(curve[r - 1]):.1f}" for r in taken)
+    uniform = " ".join(f"{x(r / n):.1f},{y(r / n):.1f}" for r in taken)
+    grid = [f'<line x1="{left}" x2="{width - right}" y1="{y(s):.1f}" y2="{y(s):.1f}" stroke="#eef0f3"/>'
+            f'<text x="{left - 6}" y="{y(s) + 4:.1f}" text-anchor="end">{100 * s:g} %</text>' for s in (0, 0.25, 0.5, 0.75, 1)]
+    grid += [f'<line x1="{x(10.0 ** e):.1f}" x2="{x(10.0 ** e):.1f}" y1="{top}" y2="{height - bottom}" stroke="#eef0f3"/>'
+             f'<text x="{x(10.0 ** e):.1f}" y="{height - bottom + 16}" text-anchor="middle">{100 * 10.0 ** e:g} %</text>'
+             for e in range(math.ceil(lo), 1)]
+    at_rank: dict[int, list[float]] = {}  # on a small set several fractions round to the same rank
+    for f in sparsity.top_share:
+        at_rank.setdefault(_rank(f, n), []).append(f)
+    marks = []
+    for rank, fractions in at_rank.items():
+        share = sparsity.top_share[fractions[0]]
+        cx, cy = x(rank / n), y(share)
+        # Above-left of a point stays clear of a rising curve (markers are a decade apart: labels stay short
+        # so they never meet); at the y axis there is no room on the left.
+        tx, ty, anchor = (cx - 6, cy - 6, "end") if cx - left > 45 else (cx + 6, max(cy - 12, top + 10), "start")
+        marks.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="#b91c1c"><title>top {", ".join(f"{100 * f:g} %" for f in fractions)} '
+                     f'of sequences</title></circle><text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" fill="#b91c1c" stroke="#fff" '
+                     f'stroke-width="3" paint-order="stroke" font-weight="600">{100 * share:.1f} %</text>')
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-size="11" fill="#656d76" role="img">'
+            f'{"".join(grid)}<polyline points="{uniform}" fill="none" stroke="#9aa4b0" stroke-dasharray="4 3"/>'
+            f'<polyline class="curve" points="{line}" fill="none" stroke="#1f2328" stroke-width="2"/>{"".join(marks)}'
+            f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">fraction of training sequences, '
+            f'most influential first (log scale; dashed: equal influence)</text></svg>')
+
+
+def _rank(fraction: float, n: int) -> int:
+    """How many sequences the top ``fraction`` is: the rank analysis.sparsity reads the share at."""
+    return max(1, int(round(fraction * n)))
+
+
+def _rgba(rgb: tuple[int, int, int], alpha: float) -> str:
+    return f"rgba({rgb[0]}, {rgb[1]}, {rgb[2]}, {alpha:.3f})"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write beside the target, then rename over it: an interrupted write never leaves half a page."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
