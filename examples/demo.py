@@ -42,6 +42,19 @@ def cached_factors(model, tokenizer, train_path: Path, out: Path, max_length: in
         return factors
 
 
+def example_index(quick: bool = False, cache: str | Path = ROOT / "examples" / ".cache", index: str | Path | None = None):
+    """The example's data and its index, built (or reused) under ``indexes/``."""
+    example = prepare_example(cache, quick=quick)
+    model, tokenizer = load_model(str(example.model_dir))
+    factors_dir = example.model_dir / "factors"
+    cached_factors(model, tokenizer, example.train_path, factors_dir, example.max_length)
+    index_dir = Path(index or ROOT / "indexes" / ("example-quick" if quick else "example"))
+    started = time.perf_counter()
+    build(model, example.train_path, index_dir, factors=factors_dir, tokenizer=tokenizer, max_length=example.max_length)
+    print(f"index ready in {index_dir} ({time.perf_counter() - started:.1f}s)", file=sys.stderr)
+    return example, GradIndex.open(index_dir, model=model, tokenizer=tokenizer)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the smaller variant used by the tests")
@@ -52,16 +65,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="also score every training sequence exactly and compare")
     args = parser.parse_args()
 
-    example = prepare_example(args.cache, quick=args.quick)
-    model, tokenizer = load_model(str(example.model_dir))
-    factors_dir = example.model_dir / "factors"
-    cached_factors(model, tokenizer, example.train_path, factors_dir, example.max_length)
-    index_dir = Path(args.index or ROOT / "indexes" / ("example-quick" if args.quick else "example"))
-    started = time.perf_counter()
-    build(model, example.train_path, index_dir, factors=factors_dir, tokenizer=tokenizer, max_length=example.max_length)
-    print(f"index ready in {index_dir} ({time.perf_counter() - started:.1f}s)", file=sys.stderr)
-
-    index = GradIndex.open(index_dir, model=model, tokenizer=tokenizer)
+    example, index = example_index(args.quick, args.cache, args.index)
     rows = [json.loads(line) for line in example.queries_path.read_text().splitlines()][: args.queries]
     queries = [Query(r["prompt"], r["completion"]) for r in rows]
     # The planted sentences occur several times each: ask for enough rows to show `top` distinct texts.
@@ -76,7 +80,7 @@ def main() -> None:
             print(f"  {rank}. {hits[0].score:+10.4g}  row {hits[0].row:5d}{copies:4}  {text[:90]!r}")
         print()
     if args.check:
-        exact = pipeline.score(model, factors_dir, example.train_path, queries, tokenizer=tokenizer, max_length=example.max_length, progress=False).scores
+        exact = index.all_scores(queries)
         for r, scores in zip(results, exact):
             top = set(np.argsort(-scores)[: len(r.hits)].tolist())
             found = len(top & {h.row for h in r.hits}) / len(r.hits)

@@ -13,12 +13,21 @@ from gradindex.evaluate import evaluate
 from gradindex.search import GradIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from example_data import prepare_example  # noqa: E402
+from example_data import load_facts, prepare_example  # noqa: E402
+from order_flip import order_flip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     return prepare_example(tmp_path_factory.mktemp("example"), quick=True)
+
+
+@pytest.fixture(scope="module")
+def example_index(example, tmp_path_factory):
+    """The quick example indexed with every default (factors fitted by the build)."""
+    out = tmp_path_factory.mktemp("example_index") / "idx"
+    build(example.model_dir, example.train_path, out, max_length=example.max_length, progress=False)
+    return GradIndex.open(out)
 
 
 def test_fact_queries_rank_their_planted_sentences_first(example):
@@ -35,14 +44,13 @@ def test_fact_queries_rank_their_planted_sentences_first(example):
     assert hits >= 7, f"only {hits} of 8 fact queries have a supporting sentence in their top 3"
 
 
-def test_index_with_default_settings_keeps_the_exact_top10_on_the_example(example, tmp_path):
+def test_index_with_default_settings_keeps_the_exact_top10_on_the_example(example, example_index):
     """The cascade at its default compression, k1 and k2, against brute force: facts and text queries."""
     rows = [json.loads(line) for line in example.queries_path.read_text().splitlines()][:6]
     texts = [json.loads(line)["text"] for line in example.train_path.read_text().splitlines()]
     queries = [Query(r["prompt"], r["completion"]) for r in rows]
     queries += [Query(" ".join(t.split()[:8]), " " + " ".join(t.split()[8:12])) for t in texts[:400:50] if len(t.split()) > 12]
-    build(example.model_dir, example.train_path, tmp_path / "idx", max_length=example.max_length, progress=False)
-    report = evaluate(GradIndex.open(tmp_path / "idx"), queries, k=10, k1=300, progress=False)
+    report = evaluate(example_index, queries, k=10, k1=300, progress=False)
     assert report.proponents.recall_at_k >= 0.95 and report.opponents.recall_at_k >= 0.95, report
     assert report.proponents.exact_max_rel_diff < 1e-4
 
@@ -61,3 +69,21 @@ def test_demo_builds_an_index_and_answers_through_it(example, tmp_path):
     assert (tmp_path / "idx" / "manifest.json").exists()
     first = json.loads(example.queries_path.read_text().splitlines()[0])
     assert first["prompt"] in done.stdout and first["completion"].strip() in done.stdout
+
+
+def test_order_flip_reports_the_exact_influence_of_each_facts_own_sentences(example, example_index):
+    facts = load_facts()[:3]
+    result = order_flip(example_index, facts)
+    texts = [json.loads(line)["text"] for line in example.train_path.read_text().splitlines()]
+    factors = example_index.root / "factors"
+    for fact, row in zip(facts, result["per_fact"]):
+        own = np.array([t in fact["templates"] for t in texts])
+        assert row["sentences"] == own.sum() > 0
+        for direction, query in (("forward", Query(fact["prompt"], fact["completion"])),
+                                 ("reverse", Query(fact["reverse_prompt"], fact["reverse_completion"]))):
+            scores = pipeline.score(example.model_dir, factors, example.train_path, [query], max_length=example.max_length,
+                                    progress=False).scores[0]
+            assert row[f"{direction}_mean"] == pytest.approx(scores[own].mean(), rel=1e-4)
+            assert row[f"{direction}_relative"] == pytest.approx(scores[own].mean() / np.median(np.abs(scores[~own])), rel=1e-3)
+            assert row[f"{direction}_top10_own"] == own[np.argsort(-scores, kind="stable")[:10]].mean()
+    assert result["median_forward_relative"] == pytest.approx(np.median([r["forward_relative"] for r in result["per_fact"]]))
