@@ -374,7 +374,8 @@ def report(
     completion: str = typer.Option(..., "--completion", help="The completion whose log-likelihood is explained."),
     out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained: no scripts, no external resources)."),
     k: int = typer.Option(10, "-k", "--k", help="Proponents and opponents shown."),
-    exact_sparsity: bool = typer.Option(False, "--exact-sparsity", help="Sparsity curve from exact scores of every sequence (slow) instead of the stage-1 estimate."),
+    exact_sparsity: bool = typer.Option(False, "--exact-sparsity", help="Sparsity from exact scores of every sequence (a pass over the training set) instead of the estimate."),
+    sparsity_sample: int = typer.Option(1000, "--sparsity-sample", help="Random sequences scored exactly for the sparsity estimate (besides the shortlists)."),
     k1: Optional[int] = K1Opt,
     k2: Optional[int] = K2Opt,
     model: Optional[str] = typer.Option(None, "--model", help="Load the model from here instead of the recorded path (same weights)."),
@@ -384,7 +385,8 @@ def report(
     from gradindex.report import write_report
     from gradindex.search import GradIndex
 
-    path = write_report(GradIndex.open(index, model=model), prompt, completion, out, k=k, exact_sparsity=exact_sparsity, k1=k1, k2=k2)
+    path = write_report(GradIndex.open(index, model=model), prompt, completion, out, k=k, exact_sparsity=exact_sparsity,
+                        sparsity_sample=sparsity_sample, k1=k1, k2=k2)
     typer.echo(str(path))
 
 

@@ -50,10 +50,10 @@ ol.hits{list-style:none;padding:0;margin:0}
 """
 
 
-def render(proponents: QueryResult, opponents: QueryResult | None, sparsity: Sparsity | None, curve: np.ndarray | None,
-           *, title: str = "gradindex report", note: str = "") -> str:
-    """The page as one string. ``curve``: :func:`share_curve` of the query's scores over the whole set;
-    ``note`` is shown with the sparsity section (say where its scores came from)."""
+def render(proponents: QueryResult, opponents: QueryResult | None, sparsity: Sparsity | None,
+           curve: tuple[np.ndarray, np.ndarray] | None, *, title: str = "gradindex report", note: str = "") -> str:
+    """The page as one string. ``curve``: (fraction of sequences, share of Σ|I|) from
+    :func:`analysis.share_curve`; ``note`` is shown with the sparsity section (say where its scores came from)."""
     hits = proponents.hits + (opponents.hits if opponents else [])
     marked = any(m in t for h in hits for t in h.tokens or () for m in WHITESPACE)
     body = [f'<h1>{escape(title)}</h1><div class="card"><div class="query">{escape(proponents.prompt)}'
@@ -67,30 +67,28 @@ def render(proponents: QueryResult, opponents: QueryResult | None, sparsity: Spa
 
 
 def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, k: int = 10, exact_sparsity: bool = False,
-                 **query_options) -> Path:
+                 sparsity_sample: int = analysis.DEFAULT_SAMPLE, **query_options) -> Path:
     """Query the index for proponents and opponents, measure the sparsity of the influence, write the page."""
     out = Path(out)
     if out.is_dir():
         raise GradIndexError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
-    proponents = index.query(prompt, completion, k=k, per_token=True, **query_options)
-    opponents = index.query(prompt, completion, k=k, per_token=True, opponents=True, **query_options)
+    proponents = index.query(prompt, completion, k=k, per_token=True, trace=True, **query_options)
+    opponents = index.query(prompt, completion, k=k, per_token=True, opponents=True, trace=True, **query_options)
     sparsity = curve = None
+    damping = {key: query_options.get(key) for key in ("damping", "damping_scale")}
     if index.n < MIN_SPARSITY_ROWS:
         note = f"Sparsity skipped: the index holds {index.n} sequences, the analysis needs at least {MIN_SPARSITY_ROWS}."
     else:
-        damping = {key: query_options.get(key) for key in ("damping", "damping_scale")}
-        scores = index.all_scores([Query(prompt, completion)], exact=exact_sparsity, **damping)[0]
-        sparsity, curve = analysis.sparsity(scores), share_curve(scores)
-        note = (f"Exact: EK-FAC influence of all {index.n} sequences." if exact_sparsity else
-                "Approximate: stage-1 sketch, heavier damping (its shape, not its scale; --exact-sparsity scores every sequence exactly).")
+        if exact_sparsity:
+            scores, weights = index.all_scores([Query(prompt, completion)], **damping)[0], None
+            note = f"Exact: EK-FAC influence of all {index.n} sequences."
+        else:
+            scores, weights = analysis.estimated_influence(index, [proponents, opponents], sparsity_sample, **damping)
+            note = (f"Estimated from exact scores of {len(scores)} sequences: the {int(np.sum(weights == 1))} the two queries "
+                    "rescored stand for themselves, a uniform sample of the others for the rest (--exact-sparsity scores every sequence).")
+        sparsity, curve = analysis.sparsity(scores, weights=weights), analysis.share_curve(scores, weights)[1:]
     _write_atomically(out, render(proponents, opponents, sparsity, curve, title=f"gradindex report · {index.root.name}", note=note))
     return out
-
-
-def share_curve(scores: np.ndarray) -> np.ndarray:
-    """Cumulative share of Σ|influence| carried by the i+1 most influential sequences, for i < N."""
-    magnitude = np.sort(np.abs(np.asarray(scores, dtype=np.float64)))[::-1]
-    return np.cumsum(magnitude) / max(magnitude.sum(), 1e-300)
 
 
 def display_tokens(tokens: list[str], marked: bool = True) -> list[str]:
@@ -148,9 +146,10 @@ def _sparsity_section(sparsity: Sparsity | None, curve: np.ndarray | None, note:
     return f'<section id="sparsity"><h2>How concentrated is the influence?</h2><div class="card">{"".join(parts)}</div></section>'
 
 
-def _curve_svg(curve: np.ndarray, sparsity: Sparsity, width: int = 560, height: int = 280) -> str:
+def _curve_svg(curve: tuple[np.ndarray, np.ndarray], sparsity: Sparsity, width: int = 560, height: int = 280) -> str:
     """Cumulative share (y) against the fraction of sequences taken, most influential first (x, log scale)."""
-    n, (left, right, top, bottom) = len(curve), (44, 24, 12, 40)
+    n, (left, right, top, bottom) = sparsity.n, (44, 24, 12, 40)
+    taken, share = (np.r_[0.0, c] for c in curve)
     lo = min(-1.0, math.log10(1 / n))
 
     def x(f: float) -> float:
@@ -159,9 +158,9 @@ def _curve_svg(curve: np.ndarray, sparsity: Sparsity, width: int = 560, height: 
     def y(s: float) -> float:
         return top + (1 - s) * (height - top - bottom)
 
-    taken = np.unique(np.geomspace(1, n, 400).round().astype(int))  # a few hundred points whatever N is
-    line = " ".join(f"{x(r / n):.1f},{y(curve[r - 1]):.1f}" for r in taken)
-    uniform = " ".join(f"{x(r / n):.1f},{y(r / n):.1f}" for r in taken)
+    ranks = np.unique(np.geomspace(1, n, 400).round().astype(int))  # a few hundred points whatever N is
+    line = " ".join(f"{x(r / n):.1f},{y(v):.1f}" for r, v in zip(ranks, np.interp(ranks / n, taken, share)))
+    uniform = " ".join(f"{x(r / n):.1f},{y(r / n):.1f}" for r in ranks)
     grid = [f'<line x1="{left}" x2="{width - right}" y1="{y(s):.1f}" y2="{y(s):.1f}" stroke="#eef0f3"/>'
             f'<text x="{left - 6}" y="{y(s) + 4:.1f}" text-anchor="end">{100 * s:g} %</text>' for s in (0, 0.25, 0.5, 0.75, 1)]
     grid += [f'<line x1="{x(10.0 ** e):.1f}" x2="{x(10.0 ** e):.1f}" y1="{top}" y2="{height - bottom}" stroke="#eef0f3"/>'

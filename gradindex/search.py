@@ -58,6 +58,7 @@ class Trace:
     stage1_scores: np.ndarray
     stage2_scores: np.ndarray  # of every stage-1 candidate
     stage2_rows: np.ndarray  # the rows of the k2 texts rescored exactly
+    stage2_exact: np.ndarray  # their exact scores (copies share their text's)
     exact_rows: np.ndarray  # the final k
     exact_scores: np.ndarray
 
@@ -177,11 +178,11 @@ class GradIndex:
         width = self.compressor.component_dim * min(rank or self.compressor.config.rank, self.compressor.config.rank)
         return torch.from_numpy(self._read(self._lowrank, rows, width))
 
-    def stage1_scores(self, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
-        """Stage-1 inner products of stored rows with one query's stage-1 vector."""
+    def stage1_scores(self, rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Stage-1 inner products of stored rows with stage-1 query vectors: (dim,) → (rows,), (dim, Q) → (rows, Q)."""
         if self._vectors is None:
             self._vectors = [np.load(shard_path(self.root, j, "vectors"), mmap_mode="r") for j in range(len(self._lowrank))]
-        return self._read(self._vectors, rows, None).astype(np.float32) @ vector.astype(np.float32)
+        return self._read(self._vectors, rows, None).astype(np.float32) @ vectors.astype(np.float32)
 
     def _read(self, arrays: list[np.ndarray], rows: np.ndarray, width: int | None) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -242,17 +243,18 @@ class GradIndex:
             take(self.lexical().ranking(f"{query.prompt}{query.completion}"), k2, 1024)
         return np.asarray(rows, dtype=np.int64), ids, groups
 
-    def all_scores(self, queries: Sequence[Query], *, exact: bool = True, damping: float | None = None,
-                   damping_scale: float | None = None, progress: bool = False) -> np.ndarray:
-        """Influence of every indexed row on each query, (Q, N) float32, for analyses over the whole set.
+    def all_scores(self, queries: Sequence[Query], *, rows: Sequence[int] | None = None, exact: bool = True,
+                   damping: float | None = None, damping_scale: float | None = None, progress: bool = False) -> np.ndarray:
+        """Influence of every indexed row (or of ``rows``) on each query, (Q, N or len(rows)) float32.
 
-        ``exact``: brute-force EK-FAC scores (as slow as scoring the training set once). Otherwise the
-        stage-1 estimate from one pass over the stored vectors: fast, but sketched and at the heavier
-        stage-1 damping, so only its shape (not its scale) is comparable with exact scores.
+        ``exact``: brute-force EK-FAC scores (as slow as scoring those rows' training text once). Otherwise
+        the stage-1 estimate from the stored vectors: fast, but sketched and at the heavier stage-1
+        damping, which flattens the distribution (README: sparsity).
         """
         tokenized = tokenize_queries(self.tokenizer, list(queries), self.max_query_length)
         pad = self.tokenizer.pad_token_id
-        out = np.zeros((len(tokenized), self.n), np.float32)
+        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(tokenized), len(rows)), np.float32)
         if exact:
             p = query_gradients(self.model, self.factors, tokenized, pad_id=pad, token_budget=self.token_budget,
                                 damping=damping, damping_scale=damping_scale)
@@ -260,14 +262,15 @@ class GradIndex:
             grads = sequence_gradients(self.model, self.factors.specs, tokenized, pad_id=pad, token_budget=self.token_budget)
             vectors = self.compressor.query_vectors({n: self.factors.rotate(n, g).float() for n, g in grads.items()})[0]
             vectors = vectors.cpu().numpy().astype(np.float32)
-        shards = range(len(self._lowrank))
-        for j in tqdm(shards, desc="exact scores" if exact else "stage-1 scores", unit="shard", disable=not progress):
-            rows = np.arange(j * self.shard_size, min((j + 1) * self.shard_size, self.n))
+        starts = range(0, len(rows), self.shard_size)
+        for start in tqdm(starts, desc="exact scores" if exact else "stage-1 scores", unit="shard", disable=not progress):
+            chunk = rows[start : start + self.shard_size]
             if exact:
-                out[:, rows] = score_preconditioned(self.model, self.factors.specs, p, self.tokenized(rows), pad_id=pad,
-                                                    token_budget=self.token_budget, progress=False).scores
+                out[:, start : start + len(chunk)] = score_preconditioned(
+                    self.model, self.factors.specs, p, self.tokenized(chunk), pad_id=pad, token_budget=self.token_budget, progress=False
+                ).scores
             else:
-                out[:, rows] = vectors @ np.load(shard_path(self.root, j, "vectors"), mmap_mode="r").astype(np.float32).T
+                out[:, start : start + len(chunk)] = self.stage1_scores(chunk, vectors.T).T
         return out
 
     # -- querying ---------------------------------------------------------------------------------
@@ -364,7 +367,7 @@ class GradIndex:
             timings["total"] = sum(timings.values())
             results.append(QueryResult(
                 query.prompt, query.completion, opponents, hits, timings,
-                Trace(rows1, scores1, approx, member_rows, member_rows[final], member_scores[final]) if trace else None,
+                Trace(rows1, scores1, approx, member_rows, member_scores, member_rows[final], member_scores[final]) if trace else None,
             ))
         return results
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from gradindex import analysis, pipeline
 from gradindex.data import Query
-from gradindex.report import _write_atomically, display_tokens, render, share_curve, write_report
+from gradindex.report import _write_atomically, display_tokens, render, write_report
 from gradindex.search import GradIndex
 from tiny import random_texts, tiny_model, word_tokenizer
 
@@ -49,7 +49,7 @@ def rendered(ws):
     con = index.query(PROMPT, COMPLETION, k=K, k1=N, k2=N, per_token=True, opponents=True)
     scores = index.all_scores([Query(PROMPT, COMPLETION)])[0]
     sparsity = analysis.sparsity(scores)
-    return render(pro, con, sparsity, share_curve(scores), note="exact scores"), pro, con, sparsity
+    return render(pro, con, sparsity, analysis.share_curve(scores)[1:], note="exact scores"), pro, con, sparsity
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_sparsity_shares_and_curve_match_the_analysis(rendered):
 def test_curve_of_a_large_set_stays_small(rendered):
     _, pro, _, _ = rendered
     scores = np.random.default_rng(0).standard_cauchy(1_000_000)
-    page = render(pro, None, analysis.sparsity(scores), share_curve(scores))
+    page = render(pro, None, analysis.sparsity(scores), analysis.share_curve(scores)[1:])
     points = parse(page).find("polyline", "curve")[0].attrs["points"].split()
     assert len(points) <= 400 and len(page) < 200_000
     assert "0.0001 %" in page, "the log axis reaches down to 1/N"
@@ -214,7 +214,7 @@ def test_report_without_enough_rows_for_sparsity_says_so(ws, tmp_path, monkeypat
 def test_cli_writes_a_complete_report(report_file):
     page = report_file.read_text()
     assert page.endswith("</html>\n") and len(parse(page).find("li", "hit")) == 12
-    assert "approximate: stage-1 sketch, heavier damping" in page.lower()
+    assert "estimated from exact scores of" in page.lower()
     assert os.listdir(report_file.parent) == ["report.html"]
 
 
