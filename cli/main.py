@@ -273,6 +273,7 @@ def query(
     opponents: bool = typer.Option(False, "--opponents", help="Most negative influence instead of most positive."),
     cosine: bool = typer.Option(False, "--cosine", help="Unit-normalised scores (divide by both gradients' whitened norms)."),
     per_token: bool = typer.Option(False, "--per-token", help="Token-wise influence inside each result."),
+    distinct: bool = typer.Option(False, "--distinct", help="k distinct texts, each listing the rows of its copies, instead of k rows."),
     candidates: str = typer.Option("index", "--candidates", help="Texts rescored exactly: index (stage 2), tfidf (lexical) or hybrid (half each)."),
     damping: Optional[float] = typer.Option(None, "--damping", help="Absolute damping of the exact rerank."),
     damping_scale: Optional[float] = typer.Option(None, "--damping-scale", help="Damping of the exact rerank, × mean eigenvalue (default 0.1)."),
@@ -290,7 +291,7 @@ def query(
     query_list = _queries(queries, prompt, completion)
     opened = GradIndex.open(index, model=model, dtype=dtype, device=device)
     results = opened.query_many(query_list, k, k1=k1, k2=k2, rank=rank, nprobe=nprobe, opponents=opponents, cosine=cosine,
-                                per_token=per_token, candidates=candidates, damping=damping, damping_scale=damping_scale)
+                                per_token=per_token, candidates=candidates, distinct=distinct, damping=damping, damping_scale=damping_scale)
     for r in results:
         if as_json:
             typer.echo(json.dumps({k_: v for k_, v in asdict(r).items() if k_ != "trace"}))
@@ -299,7 +300,8 @@ def query(
         typer.echo(f"{r.prompt!r} → {r.completion!r}: top {len(r.hits)} {kind} ({r.seconds['total'] * 1000:.0f} ms)")
         for rank_, h in enumerate(r.hits, 1):
             text = " ".join(h.text.split())
-            typer.echo(f"{rank_:3d}. {h.score:+.4g}  row {h.row}  {text[:100]}{'…' if len(text) > 100 else ''}")
+            copies = f" (×{len(h.copies) + 1})" if h.copies else ""
+            typer.echo(f"{rank_:3d}. {h.score:+.4g}  row {h.row}{copies}  {text[:100]}{'…' if len(text) > 100 else ''}")
             if per_token and h.tokens:
                 best = np.argsort(-np.abs(h.token_scores))[:5]
                 typer.echo("       tokens: " + ", ".join(f"{h.tokens[t]!r} {h.token_scores[t]:+.3g}" for t in sorted(best)))

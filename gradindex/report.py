@@ -72,8 +72,8 @@ def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, k
     out = Path(out)
     if out.is_dir():
         raise GradIndexError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
-    proponents = index.query(prompt, completion, k=k, per_token=True, trace=True, **query_options)
-    opponents = index.query(prompt, completion, k=k, per_token=True, opponents=True, trace=True, **query_options)
+    proponents, opponents = (index.query(prompt, completion, k=k, per_token=True, opponents=side, distinct=True, trace=True,
+                                         **query_options) for side in (False, True))
     sparsity = curve = None
     damping = {key: query_options.get(key) for key in ("damping", "damping_scale")}
     if index.n < MIN_SPARSITY_ROWS:
@@ -110,6 +110,9 @@ def _hits_section(kind: str, meaning: str, result: QueryResult, marked: bool) ->
 def _card(rank: int, hit: Hit, marked: bool) -> str:
     sign = "pos" if hit.score >= 0 else "neg"
     meta = f'row {hit.row} · {escape(Path(hit.source).name)} @ {hit.offset} · stage-2 estimate {hit.approx_score:+.4g}'
+    if hit.copies:  # copies of one sentence share a card
+        shown = ", ".join(map(str, hit.copies[:5])) + (", …" if len(hit.copies) > 5 else "")
+        meta = f'<b>×{len(hit.copies) + 1} copies</b> (also rows {shown}) · ' + meta
     return (f'<li class="card hit" data-row="{hit.row}"><div class="head"><span class="rank">#{rank}</span>'
             f'<span class="score {sign}">{hit.score:+.4g}</span><span class="meta" title="{escape(hit.source)}">{meta}</span></div>'
             f'<div class="body"><div class="tokens">{_tokens(hit, marked)}</div>{_layer_bars(hit.per_layer)}</div></li>')

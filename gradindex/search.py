@@ -48,6 +48,7 @@ class Hit:
     per_layer: dict[str, float]
     tokens: list[str] | None = None
     token_scores: list[float] | None = None  # sum to ``score`` (unnormalised) over the sequence's tokens
+    copies: list[int] = field(default_factory=list)  # with ``distinct=True``: other rows holding the same text
 
 
 @dataclass
@@ -294,6 +295,7 @@ class GradIndex:
         nprobe: int | None = None,
         rank: int | None = None,
         candidates: str = "index",
+        distinct: bool = False,
         trace: bool = False,
     ) -> list[QueryResult]:
         """Run the cascade for each query. ``opponents``: most negative influence instead of most positive.
@@ -302,7 +304,8 @@ class GradIndex:
         damping), which removes the pull of long, high-loss sequences. ``rank``: stage-2 rank (default
         the built one); lower is faster and coarser. ``nprobe``: IVF lists searched (IVF indexes only).
         ``candidates``: where the k2 texts rescored exactly come from: "index" (stage 2), "tfidf" (lexical
-        similarity to prompt + completion) or "hybrid" (half each).
+        similarity to prompt + completion) or "hybrid" (half each). ``distinct``: k distinct texts, each
+        hit listing the rows of its copies (that were among the candidates), instead of k rows.
         """
         if isinstance(queries, (str, Path)):
             queries = load_queries(queries)
@@ -361,9 +364,16 @@ class GradIndex:
             members = [(int(kept[i]), gi) for gi, g in enumerate(groups) for i in g]  # (row, group)
             member_rows = np.array([m[0] for m in members])
             member_scores = np.array([rep_scores[gi] for _, gi in members])
-            final = np.lexsort((member_rows, -sign * member_scores))[:k]
+            final = np.lexsort((member_rows, -sign * member_scores))
+            if distinct:  # a text's first row stands for it; the others are listed as its copies
+                first = np.unique([members[f][1] for f in final], return_index=True)[1]
+                final = final[np.sort(first)]
+            final = final[:k]
             timings["stage3"] = time.perf_counter() - t
             hits = self._hits([members[f] for f in final], exact, rep_scores, [known[r] for r in reps.tolist()], stage1, per_token)
+            if distinct:
+                for hit, f in zip(hits, final):
+                    hit.copies = sorted(int(kept[i]) for i in groups[members[f][1]] if int(kept[i]) != hit.row)
             timings["total"] = sum(timings.values())
             results.append(QueryResult(
                 query.prompt, query.completion, opponents, hits, timings,

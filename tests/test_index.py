@@ -257,6 +257,16 @@ def test_copies_of_a_text_share_one_exact_rescore_and_count_once_in_k2(ws, tmp_p
     from gradindex.evaluate import true_top
 
     assert {h.row for h in hits} <= true_top(exact, 12)  # copies tie: any of them is a true member
+    # distinct=True: twelve different texts, each with its copies listed, in order of score.
+    opened = GradIndex.open(out)
+    distinct = opened.query(texts[0], " the", k=12, k1=len(texts), k2=len(texts), distinct=True).hits
+    assert len({texts[h.row] for h in distinct}) == 12 and [h.score for h in distinct] == sorted((h.score for h in distinct), reverse=True)
+    for h in distinct:
+        assert sorted([h.row, *h.copies]) == [i for i, t in enumerate(texts) if t == texts[h.row]]
+    by_text = {}
+    for row, score in enumerate(exact):
+        by_text.setdefault(texts[row], score)
+    assert [texts[h.row] for h in distinct] == sorted(by_text, key=lambda t: -by_text[t])[:12]
 
 
 def test_outliers_list_the_highest_self_influence_stored_and_exact(ws, index):

@@ -251,3 +251,12 @@ def test_browser_draws_the_heat_map(report_file, tmp_path):
     green = np.sum((g > 150) & (g - r > 40) & (g - b > 20))
     # Without token colours this page has ~550 of each (legend swatches, text edges); with them, thousands.
     assert red > 3000 and green > 3000, (red, green)
+
+
+def test_copies_of_a_sentence_share_one_card():
+    from gradindex.search import Hit, QueryResult
+
+    hit = Hit(row=3, score=2.0, approx_score=1.5, stage1_score=0.1, text="a b", source="x.jsonl", offset=3,
+              per_layer={"h.0.mlp": 2.0}, copies=[8, 11])
+    cards = parse(render(QueryResult("p", " c", False, [hit]), None, None, None)).find("li", "hit")
+    assert len(cards) == 1 and "×3 copies (also rows 8, 11)" in cards[0].all_text()
