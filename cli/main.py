@@ -88,6 +88,7 @@ def scores(
     damping_scale: Optional[float] = typer.Option(None, "--damping-scale", help="λ = scale × mean eigenvalue per layer (default 0.1)."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also write per-layer scores (<out>.per_layer.npz)."),
     per_token: bool = typer.Option(False, "--per-token", help="Also write per-token scores (<out>.per_token.npz, one array per training row)."),
+    query_rank: Optional[int] = typer.Option(None, "--query-rank", help="Hold each query's preconditioned gradient as a rank-r SVD (less memory for many queries; approximate)."),
     top: int = typer.Option(3, "--top", help="Print this many top training rows per query."),
     token_budget: int = TokenBudgetOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -107,7 +108,8 @@ def scores(
         query_list = queries
     result = pipeline.score(
         model, factors, data, query_list, text_field=text_field, max_length=max_length, token_budget=token_budget,
-        damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token, dtype=dtype, device=device,
+        damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token, query_rank=query_rank,
+        dtype=dtype, device=device,
     )
     if result.n_truncated:
         typer.echo(f"truncated {result.n_truncated} training sequences to the maximum length", err=True)

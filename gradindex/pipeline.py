@@ -82,11 +82,13 @@ def score(
     damping_scale: float | None = None,
     per_layer: bool = False,
     per_token: bool = False,
+    query_rank: int | None = None,
     dtype: str | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> ScoreResult:
-    """Exact EK-FAC influence of every sequence of ``data`` on every query."""
+    """EK-FAC influence of every sequence of ``data`` on every query: exact, or with each query's
+    preconditioned gradient cut to rank ``query_rank`` (query batching)."""
     model, tokenizer, _ = model_and_tokenizer(model, tokenizer, dtype, device)
     if not isinstance(factors, Factors):
         factors = Factors.load(factors)
@@ -98,5 +100,5 @@ def score(
     train = tokenize_training_data(tokenizer, data, text_field=text_field, max_length=max_length)
     return compute_scores(
         model, factors, train, query_set, pad_id=tokenizer.pad_token_id, token_budget=token_budget,
-        damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token, progress=progress,
+        damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token, query_rank=query_rank, progress=progress,
     )

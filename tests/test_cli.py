@@ -65,6 +65,11 @@ def test_scores_cli_matches_python_and_writes_breakdowns(workspace, tmp_path):
     damped = tmp_path / "d.npy"
     assert runner.invoke(app, args[:-2] + ["--out", str(damped), "--damping-scale", "10"]).exit_code == 0
     assert not np.allclose(np.load(damped), scores)
+    # Query batching: a rank ≥ every layer's min(d_out, d_in) gives the exact scores back, rank 1 an approximation.
+    for rank, exact in (("64", True), ("1", False)):
+        low = tmp_path / f"r{rank}.npy"
+        assert runner.invoke(app, args[:-2] + ["--out", str(low), "--query-rank", rank]).exit_code == 0
+        assert np.allclose(np.load(low), scores, rtol=1e-4, atol=1e-5 * np.abs(scores).max()) == exact
 
 
 BAD = {
@@ -75,6 +80,7 @@ BAD = {
     "empty completion": (["scores", "{root}/model", "--factors", "{root}/factors", "--data", "{root}/train.jsonl", "--prompt", "the", "--completion", "", "--out", "{tmp}/s.npy"], "empty completion"),
     "query longer than the model": (["scores", "{root}/model", "--factors", "{root}/factors", "--data", "{root}/train.jsonl", "--prompt", "the " * 80, "--completion", " king", "--out", "{tmp}/s.npy"], "longer than the maximum length 64"),
     "factors from another model": (["scores", "{root}/other_model", "--factors", "{root}/factors", "--data", "{root}/train.jsonl", "--prompt", "the", "--completion", " king", "--out", "{tmp}/s.npy"], "factors were fitted on another model"),
+    "bad query rank": (["scores", "{root}/model", "--factors", "{root}/factors", "--data", "{root}/train.jsonl", "--prompt", "the", "--completion", " king", "--query-rank", "0", "--out", "{tmp}/s.npy"], "query rank must be a positive integer"),
     "missing factors": (["scores", "{root}/model", "--factors", "{root}/none", "--data", "{root}/train.jsonl", "--prompt", "the", "--completion", " king", "--out", "{tmp}/s.npy"], "no factors in"),
 }
 
