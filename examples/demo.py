@@ -68,24 +68,21 @@ def main() -> None:
     example, index = example_index(args.quick, args.cache, args.index)
     rows = [json.loads(line) for line in example.queries_path.read_text().splitlines()][: args.queries]
     queries = [Query(r["prompt"], r["completion"]) for r in rows]
-    # The planted sentences occur several times each: ask for enough rows to show `top` distinct texts.
-    results = index.query_many(queries, k=min(index.n, 6 * args.top))
+    # The planted sentences occur several times each: one line per distinct text, its copies counted.
+    results = index.query_many(queries, k=min(index.n, args.top), distinct=True)
     for r in results:
         print(f"{r.prompt!r} → {r.completion!r}   ({r.seconds['total'] * 1000:.0f} ms)")
-        shown: dict[str, list] = {}
-        for hit in r.hits:
-            shown.setdefault(hit.text, []).append(hit)
-        for rank, (text, hits) in enumerate(list(shown.items())[: args.top], 1):
-            copies = f" ×{len(hits)}" if len(hits) > 1 else ""
-            print(f"  {rank}. {hits[0].score:+10.4g}  row {hits[0].row:5d}{copies:4}  {text[:90]!r}")
+        for rank, hit in enumerate(r.hits, 1):
+            copies = f" ×{len(hit.copies) + 1}" if hit.copies else ""
+            print(f"  {rank}. {hit.score:+10.4g}  row {hit.row:5d}{copies:4}  {hit.text[:90]!r}")
         print()
     if args.check:
         exact = index.all_scores(queries)
+        texts = index.rows(np.arange(index.n), ("text",))["text"]
         for r, scores in zip(results, exact):
-            top = set(np.argsort(-scores)[: len(r.hits)].tolist())
-            found = len(top & {h.row for h in r.hits}) / len(r.hits)
-            print(f"recall of the exact top-{len(r.hits)} for {r.prompt!r}: {found:.2f}")
-
+            best = list(dict.fromkeys(texts[i] for i in np.argsort(-scores)))[: len(r.hits)]
+            found = len(set(best) & {h.text for h in r.hits}) / len(r.hits)
+            print(f"recall of the exact top-{len(r.hits)} texts for {r.prompt!r}: {found:.2f}")
 
 if __name__ == "__main__":
     main()
