@@ -1,10 +1,8 @@
-import json
-
 import pytest
 import torch
 
 from gradindex.data import Query, tokenize_queries, tokenize_texts
-from tiny import N, build_args, random_texts, tiny_model, word_tokenizer
+from tiny import N, build_args, random_texts, tiny_model, tiny_workspace, word_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -35,14 +33,8 @@ def ws(tmp_path_factory):
     from cli.main import app
     from gradindex import pipeline
 
-    root = tmp_path_factory.mktemp("index")
-    for name, seed in (("model", 0), ("other_model", 1)):
-        tiny_model("gpt2", width=16, seed=seed).save_pretrained(root / name)
-        word_tokenizer().save_pretrained(root / name)
-    texts = random_texts(N, seed=3)
-    (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
     queries = [{"prompt": "the king of the north", "completion": " wrote a book"}, {"prompt": "music by", "completion": " the old composer"}]
-    (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries))
+    root = tiny_workspace(tmp_path_factory.mktemp("index"), random_texts(N, seed=3), queries)
     pipeline.fit(str(root / "model"), str(root / "train.jsonl"), out=root / "factors", progress=False)
     result = CliRunner().invoke(app, build_args(root, root / "idx"))
     assert result.exit_code == 0, result.output

@@ -12,19 +12,14 @@ from typer.testing import CliRunner
 from cli.main import app
 from gradindex import pipeline
 from gradindex.factors import Factors
-from tiny import random_texts, tiny_model, word_tokenizer
+from tiny import random_texts, tiny_workspace
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    for name, seed in (("model", 0), ("other_model", 1)):
-        tiny_model("gpt2", width=16, seed=seed).save_pretrained(root / name)
-        word_tokenizer().save_pretrained(root / name)
-    (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in random_texts(30)))
-    (root / "queries.jsonl").write_text(json.dumps({"prompt": "the king", "completion": " wrote a book"}) + "\n")
+    root = tiny_workspace(tmp_path_factory.mktemp("cli"), random_texts(30), [{"prompt": "the king", "completion": " wrote a book"}])
     result = runner.invoke(app, ["fit", str(root / "model"), "--data", str(root / "train.jsonl"), "--out", str(root / "factors")])
     assert result.exit_code == 0, result.output
     return root

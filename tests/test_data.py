@@ -1,7 +1,6 @@
 import json
 
 import datasets
-import numpy as np
 import pytest
 
 from gradindex.data import Query, collate, load_queries, load_texts, plan_batches, tokenize_queries, tokenize_texts

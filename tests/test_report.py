@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -18,7 +17,7 @@ from gradindex import analysis, pipeline
 from gradindex.data import Query
 from gradindex.report import _write_atomically, display_tokens, render, write_report
 from gradindex.search import GradIndex
-from tiny import random_texts, tiny_model, word_tokenizer
+from tiny import random_texts, tiny_workspace
 
 runner = CliRunner()
 N = 120  # ≥ 100: enough for the sparsity analysis
@@ -30,10 +29,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    tiny_model("gpt2", width=16, seed=0).save_pretrained(root / "model")
-    word_tokenizer().save_pretrained(root / "model")
-    (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in random_texts(N, seed=5)))
+    root = tiny_workspace(tmp_path_factory.mktemp("report"), random_texts(N, seed=5), twin=False)
     pipeline.fit(str(root / "model"), str(root / "train.jsonl"), out=root / "factors", progress=False)
     result = runner.invoke(app, ["build", str(root / "model"), "--data", str(root / "train.jsonl"), "--out", str(root / "idx"),
                                  "--factors", str(root / "factors"), "--stage1-dim", "64", "--rank", "4", "--shard-size", "16"])

@@ -67,3 +67,16 @@ SHARD = 16
 def build_args(ws, out, *extra):
     return ["build", str(ws / "model"), "--data", str(ws / "train.jsonl"), "--out", str(out), "--factors", str(ws / "factors"),
             "--stage1-dim", "64", "--rank", "4", "--shard-size", str(SHARD), *extra]
+
+
+def tiny_workspace(root, texts: list[str], queries: list[dict] = (), twin: bool = True):
+    """A folder with a saved tiny GPT-2 + tokenizer (``model``; ``other_model``, another seed, with
+    ``twin``), ``train.jsonl`` of ``texts`` and ``queries.jsonl``."""
+    import json
+
+    for name, seed in (("model", 0), ("other_model", 1))[: 2 if twin else 1]:
+        tiny_model("gpt2", width=16, seed=seed).save_pretrained(root / name)
+        word_tokenizer().save_pretrained(root / name)
+    (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries))
+    return root
