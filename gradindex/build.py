@@ -212,7 +212,7 @@ def _build_shard(model, tokenizer, factors, compressor, dataset, config: BuildCo
         "offset": pa.array(np.arange(rows.start, rows.stop), pa.int64()),
         "text": pa.array(texts, pa.string()),
         "n_tokens": pa.array([len(x) for x in data.input_ids], pa.int32()),
-        "truncated": pa.array([len(x) == config.max_length for x in data.input_ids], pa.bool_()),
+        "truncated": pa.array(data.truncated, pa.bool_()),
         "input_ids": pa.array([x.astype(np.int32) for x in data.input_ids], pa.list_(pa.int32())),
         "self_influence": pa.array(self_influence, pa.float64()),
     })

@@ -39,10 +39,14 @@ class TokenizedSet:
 
     input_ids: list[np.ndarray]
     scored: list[np.ndarray]
-    n_truncated: int = 0
+    truncated: list[bool] | None = None  # per sequence: cut to the maximum length (training text only)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(self.truncated or ())
 
     @property
     def n_tokens(self) -> int:
@@ -149,12 +153,11 @@ def load_queries(path: str | Path) -> list[Query]:
 
 def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int = 1000) -> TokenizedSet:
     """Tokenize training texts, truncating each to ``max_length`` tokens (truncations are counted)."""
-    ids_out, n_truncated, buffer = [], 0, []
+    ids_out, truncated, buffer = [], [], []
 
     def flush():
-        nonlocal n_truncated
         for ids in tokenizer(buffer, add_special_tokens=True, verbose=False)["input_ids"]:
-            n_truncated += len(ids) > max_length
+            truncated.append(len(ids) > max_length)
             ids_out.append(np.asarray(ids[:max_length], dtype=np.int64))
         buffer.clear()
 
@@ -167,7 +170,7 @@ def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int 
     if buffer:
         flush()
     scored = [np.arange(len(ids)) > 0 for ids in ids_out]
-    return TokenizedSet(ids_out, scored, n_truncated)
+    return TokenizedSet(ids_out, scored, truncated)
 
 
 def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> TokenizedSet:

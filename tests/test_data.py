@@ -44,10 +44,11 @@ def test_missing_and_non_utf8_data_are_clear_errors(tmp_path):
 
 
 def test_truncation_is_counted(tokenizer):
-    data = tokenize_texts(tokenizer, ["the king wrote a book", "a river"], max_length=3)
-    assert [len(x) for x in data.input_ids] == [3, 2]
+    data = tokenize_texts(tokenizer, ["the king wrote a book", "a river", "the red king"], max_length=3)
+    assert [len(x) for x in data.input_ids] == [3, 2, 3]
+    assert data.truncated == [True, False, False]  # exactly the maximum length is not a truncation
     assert data.n_truncated == 1
-    assert [s.tolist() for s in data.scored] == [[False, True, True], [False, True]]
+    assert [s.tolist() for s in data.scored] == [[False, True, True], [False, True], [False, True, True]]
 
 
 def test_queries_score_exactly_the_completion_tokens(tokenizer):
