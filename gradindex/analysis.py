@@ -71,6 +71,8 @@ def estimated_influence(index: "GradIndex", results: list["QueryResult"], sample
     """
     if not results or any(r.trace is None for r in results):
         raise GradIndexError("estimated_influence needs the query's results run with trace=True")
+    if not isinstance(sample, (int, np.integer)) or isinstance(sample, bool) or sample < 1:
+        raise GradIndexError(f"the sparsity sample must be a positive number of sequences, got {sample!r}")
     known: dict[int, float] = {}
     for r in results:
         known.update(zip(r.trace.stage2_rows.tolist(), r.trace.stage2_exact.tolist()))

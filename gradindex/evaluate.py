@@ -89,11 +89,11 @@ def evaluate(
             latencies.append(result.seconds["total"])
             for stage, s in result.seconds.items():
                 stages.setdefault(stage, []).append(s)
-            measured = _measure(result.trace, sign * exact[q], k, sign)
+            truth = true_top(sign * exact[q], k)
+            measured = _measure(result.trace, sign * exact[q], truth, k, sign)
             by_stage2 = result.trace.stage1_rows[np.argsort(-sign * result.trace.stage2_scores, kind="stable")]
             for source in ("tfidf", "hybrid"):
-                kept = index.shortlist(by_stage2, query, k2, source)[0]
-                measured[f"{source}_recall"] = _recall(true_top(sign * exact[q], k), kept, k)
+                measured[f"{source}_recall"] = _recall(truth, index.shortlist(by_stage2, query, k2, source)[0], k)
             rows.append(measured)
         sides[name] = _average(rows)
     return EvalReport(
@@ -121,9 +121,9 @@ def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
     return part[np.argsort(-scores[part], kind="stable")]
 
 
-def _measure(trace, exact: np.ndarray, k: int, sign: float) -> dict:
-    """Metrics of one query on one side; ``exact`` and the trace's scores times ``sign`` are larger-is-better."""
-    truth = true_top(exact, k)
+def _measure(trace, exact: np.ndarray, truth: set[int], k: int, sign: float) -> dict:
+    """Metrics of one query on one side; ``exact`` and the trace's scores times ``sign`` are larger-is-better;
+    ``truth``: the exact top-k (``true_top``)."""
     rows1 = trace.stage1_rows
     by_stage2 = rows1[np.argsort(-sign * trace.stage2_scores, kind="stable")]
     returned = exact[trace.exact_rows]

@@ -19,7 +19,7 @@ import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 LEXICAL_DIR = "lexical"
-# sublinear tf keeps a 50-times-repeated word from swamping a paragraph; (1, 1)-grams as the paper.
+# sublinear tf keeps a word repeated many times from swamping a paragraph.
 _PARAMS = {"sublinear_tf": True, "lowercase": True, "dtype": np.float32}
 
 

@@ -61,5 +61,7 @@ def test_estimated_influence_is_exact_scores_of_the_shortlists_and_a_weighted_sa
     # A sample as large as the rest is the whole set, exactly.
     everything, ones = estimated_influence(index, [pro, con], sample=N)
     assert np.all(ones == 1) and sorted(everything) == pytest.approx(sorted(exact[0]), **tol)
+    with pytest.raises(GradIndexError, match="positive number of sequences"):
+        estimated_influence(index, [pro, con], sample=0)
     with pytest.raises(GradIndexError, match="trace=True"):
         estimated_influence(index, [index.query("the king", " wrote", k=2)])
