@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.bench_corpus import prepare_benchmark
 from gradindex.data import load_queries
-from gradindex.evaluate import evaluate
+from gradindex.evaluation import evaluate
 from gradindex.search import GradIndex
 
 
@@ -40,7 +40,7 @@ def main() -> None:
         rows = slice(start, start + len(queries))
         start += len(queries)
         for k2 in [int(b) for b in args.budgets.split(",")]:
-            r = evaluate(index, queries, 10, k2=k2, exact=exact[rows], progress=False)
+            r = evaluate(index, queries, k=10, k2=k2, exact=exact[rows], progress=False)
             report[f"{kind}_k2_{k2}"] = {
                 side: {"index": s.stage2_recall, "tfidf": s.tfidf_recall, "hybrid": s.hybrid_recall}
                 for side, s in (("proponents", r.proponents), ("opponents", r.opponents))

@@ -15,11 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.index_common import ROOT, example, fact_and_text_queries
-from gradindex.build import build
-from gradindex.evaluate import evaluate
-from gradindex.model import load_model
-from gradindex.pipeline import fit
-from gradindex.search import GradIndex
+from gradindex import GradIndex, build, evaluate, fit, load_model
 
 
 def main() -> None:
@@ -30,12 +26,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     art = example()
-    model, tokenizer = load_model(str(art.model_dir))
+    lm = load_model(str(art.model_dir))
     factors_dir = art.model_dir / "factors"
     if not (factors_dir / "factors.json").exists():
-        fit(model, art.train_path, tokenizer=tokenizer, max_length=art.max_length, out=factors_dir)
-    build(model, art.train_path, args.index, factors=factors_dir, tokenizer=tokenizer, max_length=art.max_length)
-    index = GradIndex.open(args.index, model=model, tokenizer=tokenizer)
+        fit(lm, art.train_path, max_length=art.max_length, out=factors_dir)
+    build(lm, art.train_path, args.index, factors=factors_dir, max_length=art.max_length)
+    index = GradIndex.open(args.index, model=lm)
     report = {}
     for kind, queries in fact_and_text_queries(art).items():
         r = evaluate(index, queries, k=10).to_dict()

@@ -6,7 +6,7 @@ GPT-2 trained on it), in one run:
 - brute-force exact EK-FAC scores of every sequence for every query (the ground truth), timed;
 - the real cascade (``GradIndex.query``) per query: recall@10 and top-10 opponents, p50/p95 latency,
   per kind of query (planted facts / ordinary text continuations);
-- recall@10 for other compression settings (stage-1 sketches folded to fewer buckets, stage-2 factors
+- recall@10 for other compression settings (stage-1 sketches folded to fewer buckets, stage-2 codes
   truncated to lower rank) and FAISS index types, from the stored arrays;
 - how the candidates each stage needs, and each stage's cost, grow with N (prefixes of the corpus).
 
@@ -24,15 +24,11 @@ import numpy as np
 import torch
 
 from benchmarks.bench_corpus import prepare_benchmark
-from gradindex import ann
-from gradindex.build import build
+from gradindex import GradIndex, ann, build, fit, load_model
 from gradindex.compress import CompressionConfig
-from gradindex.data import Query, collate, load_queries, plan_batches, tokenize_texts
-from gradindex.evaluate import true_top
-from gradindex.model import load_model
-from gradindex.pipeline import fit
-from gradindex.search import GradIndex
-from gradindex.store import shard_path
+from gradindex.data import Query, collate, load_queries, plan_batches, tokenize_queries, tokenize_texts
+from gradindex.evaluation import true_top
+from gradindex.scores import query_gradients
 
 K = 10
 DEPTHS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -48,7 +44,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="12500,25000,50000,100000")
     parser.add_argument("--work", default="indexes/bench100k")
     parser.add_argument("--stage1-dim", type=int, default=CompressionConfig.stage1_dim)
-    parser.add_argument("--rank", type=int, default=CompressionConfig.rank)
+    parser.add_argument("--stage2-rank", type=int, default=CompressionConfig.stage2_rank)
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: index_types")
     parser.add_argument("--only", default="", help="re-run sections of a finished run: cascade,settings,index_types")
     parser.add_argument("--k1", type=int, default=None, help="cascade k1 (default: the library's)")
@@ -62,7 +58,7 @@ def main() -> None:
     report: dict = {"threads": args.threads}
 
     art = prepare_benchmark(n_sequences=args.n)
-    model, tokenizer = load_model(str(art.model_dir))
+    lm = load_model(str(art.model_dir))
     import datasets
 
     data = datasets.load_dataset("json", data_files=str(art.train_path), split="train")
@@ -76,12 +72,12 @@ def main() -> None:
     if not (factors_dir / "factors.json").exists():
         sample = data.shuffle(seed=0).select(range(min(args.fit_sample, n)))
         t = time.perf_counter()
-        fit(model, sample, tokenizer=tokenizer, max_length=art.max_length, out=factors_dir)
+        fit(lm, sample, max_length=art.max_length, out=factors_dir)
         report["fit_seconds"] = time.perf_counter() - t
     index_dir = work / "index"
     if args.only:  # re-run some sections of a finished run, keeping the rest of its report
         report = json.loads(Path(args.out).read_text())
-        index = GradIndex.open(index_dir, model=model, tokenizer=tokenizer)
+        index = GradIndex.open(index_dir, model=lm)
         kinds = {"fact": load_queries(art.fact_queries_path), "text": load_queries(art.text_queries_path)}
         queries = [q for qs in kinds.values() for q in qs]
         kind_of = np.array([k for k, qs in kinds.items() for _ in qs])
@@ -97,15 +93,15 @@ def main() -> None:
             report["index_types"] = index_types(index, queries, kind_of, exact)
             _save(report, args.out)
         return
-    compression = CompressionConfig(stage1_dim=args.stage1_dim, rank=args.rank)
+    compression = CompressionConfig(stage1_dim=args.stage1_dim, stage2_rank=args.stage2_rank)
     t = time.perf_counter()
-    build(model, data, index_dir, factors=factors_dir, tokenizer=tokenizer, max_length=art.max_length, compression=compression)
+    build(lm, data, index_dir, factors=factors_dir, max_length=art.max_length, compression=compression)
     report["build_seconds_this_run"] = time.perf_counter() - t
     manifest = json.loads((index_dir / "manifest.json").read_text())
     shard_seconds = sum(s["seconds"] for s in manifest["shards"])
     report["build"] = {
         "sequences_per_second": n / shard_seconds,
-        "plain_forward_backward_per_second": plain_throughput(model, tokenizer, data, art.max_length, manifest["shard_size"]),
+        "plain_forward_backward_per_second": plain_throughput(lm.model, lm.tokenizer, data, art.max_length, manifest["shard_size"]),
         "bytes_per_sequence": manifest["bytes_per_sequence"],
         "index_key": manifest["index"]["key"],
     }
@@ -113,7 +109,7 @@ def main() -> None:
     b["throughput_ratio"] = b["sequences_per_second"] / b["plain_forward_backward_per_second"]
     print(json.dumps(report["build"]), flush=True)
 
-    index = GradIndex.open(index_dir, model=model, tokenizer=tokenizer)
+    index = GradIndex.open(index_dir, model=lm)
     kinds = {"fact": load_queries(art.fact_queries_path), "text": load_queries(art.text_queries_path)}
     queries = [q for qs in kinds.values() for q in qs]
     kind_of = np.array([k for k, qs in kinds.items() for _ in qs])
@@ -148,7 +144,7 @@ def _save(report: dict, path: str) -> None:
 def plain_throughput(model, tokenizer, data, max_length: int, rows: int) -> float:
     """Sequences/s of loss.backward() with parameter gradients on the builder's batches of the first shard."""
     tokenized = tokenize_texts(tokenizer, data[:rows]["text"], max_length)
-    batches = [collate(tokenized, b, tokenizer.pad_token_id) for b in plan_batches(tokenized, 2048)]
+    batches = [collate(tokenized, b) for b in plan_batches(tokenized, 2048)]
     model.train(False)
     t = time.perf_counter()
     for batch in batches:
@@ -162,15 +158,12 @@ def plain_throughput(model, tokenizer, data, max_length: int, rows: int) -> floa
 
 def single_query_brute_force(index: GradIndex, query: Query, rows: int) -> float:
     """Seconds to score all N rows exactly for one query, timed on ``rows`` of them (cost is linear in N)."""
-    from gradindex.data import tokenize_queries
-    from gradindex.scores import query_gradients, score_preconditioned
-
     t = time.perf_counter()
-    tokenized = tokenize_queries(index.tokenizer, [query], index.max_query_length)
-    p = query_gradients(index.model, index.factors, tokenized, pad_id=index.tokenizer.pad_token_id)
+    tokenized = tokenize_queries(index.lm.tokenizer, [query], index.max_query_length)
+    p = query_gradients(index.lm.model, index.factors, tokenized)
     rows = min(rows, index.n)
     chosen = np.random.default_rng(0).choice(index.n, rows, replace=False)
-    score_preconditioned(index.model, index.factors.specs, p, index.tokenized(chosen), pad_id=index.tokenizer.pad_token_id, progress=False)
+    index.rescore(p, index.training_set(chosen))
     return (time.perf_counter() - t) * index.n / rows
 
 
@@ -188,7 +181,7 @@ def cascade(index: GradIndex, queries, kind_of, exact, brute_single: float, k1=N
     for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
         latencies, recalls, stages = [], [], {}
         for q, query in enumerate(queries):
-            r = index.query_many([query], K, k1=k1, k2=k2, rank=rank, opponents=sign < 0)[0]
+            r = index.query_many([query], k=K, k1=k1, k2=k2, stage2_rank=rank, opponents=sign < 0)[0]
             latencies.append(r.seconds["total"])
             for s, v in r.seconds.items():
                 stages.setdefault(s, []).append(v)
@@ -219,19 +212,12 @@ def settings_sweep(index: GradIndex, queries, kind_of, exact):
     comp = index.compressor
     cfg = comp.config
     n_layers, layer_dim = len(comp.specs), cfg.stage1_dim
-    from gradindex.data import tokenize_queries
-    from gradindex.scores import sequence_gradients
-
-    tokenized = tokenize_queries(index.tokenizer, queries, index.max_query_length)
-    grads = sequence_gradients(index.model, index.factors.specs, tokenized, pad_id=index.tokenizer.pad_token_id)
-    rotated = {name: index.factors.rotate(name, g).float() for name, g in grads.items()}
-    qv, whitened = comp.query_vectors(rotated)
-    qv = qv.numpy()
+    embedding = comp.embed(index.lm.model, tokenize_queries(index.lm.tokenizer, queries, index.max_query_length))
+    qv, whitened = embedding.vectors, embedding.whitened
     folds = [f for f in (1, 2, 4, 8) if layer_dim % f == 0]
     stage1 = {f: np.zeros((len(queries), index.n), np.float32) for f in folds}
-    for j in range(len(index.manifest["shards"])):
-        v = np.load(shard_path(index.root, j, "vectors")).astype(np.float32)
-        start = j * index.shard_size
+    for j, v in enumerate(index.reader.vector_blocks()):
+        start = j * index.reader.shard_size
         for f in folds:
             stage1[f][:, start : start + len(v)] = fold(qv, layer_dim, n_layers, f) @ fold(v, layer_dim, n_layers, f).T
     out = {"stage1": [], "cascade": []}
@@ -246,14 +232,14 @@ def settings_sweep(index: GradIndex, queries, kind_of, exact):
         out["stage1"].append(row)
     print(json.dumps(out["stage1"]), flush=True)
     k1_max = 3000
-    ranks = [r for r in (4, 8, 16) if r <= cfg.rank]
+    ranks = [r for r in (4, 8, 16) if r <= cfg.stage2_rank]
     stage2_scores = {}
     for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
         for q in range(len(queries)):
             cand = np.argsort(-sign * stage1[1][q], kind="stable")[:k1_max]
-            lowrank = index.lowrank(cand)
+            codes = torch.from_numpy(index.reader.codes(cand))
             for r in ranks:
-                s2 = comp.lowrank_scores(lowrank[:, : r * comp.component_dim], {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
+                s2 = comp.stage2_scores(codes[:, : r * comp.component_dim], {n: w[q : q + 1] for n, w in whitened.items()})[0].numpy()
                 stage2_scores[(side, q, r)] = (cand, s2)
     for r in ranks:
         for k1 in (500, 1000, 2000, 3000):
@@ -279,27 +265,14 @@ def settings_sweep(index: GradIndex, queries, kind_of, exact):
 
 def index_types(index: GradIndex, queries, kind_of, exact) -> list[dict]:
     """Stage-1 recall into the default k1 and search latency for each FAISS index type over the same vectors."""
-    n, dim = index.n, index.manifest["vector_dim"]
-    vectors = [np.load(shard_path(index.root, j, "vectors"), mmap_mode="r") for j in range(len(index.manifest["shards"]))]
-    starts = np.arange(len(vectors)) * index.shard_size
-
-    def sample(rows):
-        j = np.searchsorted(starts, rows, side="right") - 1
-        return np.stack([vectors[s][r - starts[s]] for s, r in zip(j, rows)]).astype(np.float32)
-
+    n, dim = index.n, index.manifest.vector_dim
     nlist = int(np.sqrt(n))
     keys = ["Flat", "SQfp16", f"IVF{nlist},SQ8"]  # PQ training took minutes even at 3,000 rows: left out
-    from gradindex.data import tokenize_queries
-    from gradindex.scores import sequence_gradients
-
-    tokenized = tokenize_queries(index.tokenizer, queries, index.max_query_length)
-    grads = sequence_gradients(index.model, index.factors.specs, tokenized, pad_id=index.tokenizer.pad_token_id)
-    qv, _ = index.compressor.query_vectors({name: index.factors.rotate(name, g).float() for name, g in grads.items()})
-    qv = qv.numpy()
+    qv = index.compressor.embed(index.lm.model, tokenize_queries(index.lm.tokenizer, queries, index.max_query_length)).vectors
     out = []
     for key in keys:
         t = time.perf_counter()
-        idx = ann.build_index(key, dim, n, lambda: (v.astype(np.float32) for v in vectors), sample, seed=0)
+        idx = ann.build_index(key, dim, n, index.reader.vector_blocks, lambda rows: index.reader.vectors(rows).astype(np.float32), seed=0)
         build_seconds = time.perf_counter() - t
         row = {"key": key, "build_seconds": build_seconds, "bytes_per_sequence": idx.sa_code_size() if hasattr(idx, "sa_code_size") else None}
         for nprobe in ([None] if not key.startswith("IVF") else [nlist // 16, nlist // 4]):
@@ -323,9 +296,9 @@ def index_types(index: GradIndex, queries, kind_of, exact) -> list[dict]:
 def growth(index: GradIndex, kind_of, exact, stage1, stage2, sizes) -> dict:
     """Candidates each stage needs for 0.95 recall of the exact top-10, and stage-1 scan time, per N."""
     comp = index.compressor
-    r = comp.config.rank
+    r = comp.config.stage2_rank
     out = {"sizes": sizes, "k1_needed": {}, "k2_needed": {}, "flat_search_ms": []}
-    vectors = np.concatenate([np.load(shard_path(index.root, j, "vectors")) for j in range(len(index.manifest["shards"]))])
+    vectors = np.concatenate(list(index.reader.vector_blocks()))
     for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
         for kind in sorted(set(kind_of)):
             need1, need2 = [], []

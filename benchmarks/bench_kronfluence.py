@@ -40,7 +40,7 @@ from benchmarks.kronfluence_ref import (  # noqa: E402
     train_briefly,
 )
 from gradindex.data import Query, load_queries, tokenize_queries, tokenize_texts  # noqa: E402
-from gradindex.factors import fit_factors  # noqa: E402
+from gradindex.fitting import fit_factors  # noqa: E402
 from gradindex.layers import select_layers  # noqa: E402
 from gradindex.scores import compute_scores  # noqa: E402
 
@@ -103,7 +103,7 @@ def load_tiny(args):
 
     tokenizer = word_tokenizer()
     model = tiny_model("gpt2", width=args.tiny_width, layers=args.tiny_layers, vocab=len(tokenizer), seed=0)
-    train_briefly(model, tokenize_texts(tokenizer, markov_texts(WORDS, 2000, seed=0), 64), tokenizer.pad_token_id, steps=200, lr=1e-2)
+    train_briefly(model, tokenize_texts(tokenizer, markov_texts(WORDS, 2000, seed=0), 64), steps=200, lr=1e-2)
     texts = markov_texts(WORDS, args.n_train, seed=1, lo=8, hi=64)
     qs = markov_texts(WORDS, args.n_queries, seed=2, lo=6, hi=12)
     queries = [Query(" ".join(t.split()[:3]), " " + " ".join(t.split()[3:])) for t in qs]
@@ -169,9 +169,9 @@ def main(argv=None) -> None:
             for b in budgets:
                 kf_batch = max(1, b // max_length)
                 factors = timed(f"{b}/gradindex/fit", lambda: fit_factors(
-                    model, train, layers, pad_id=pad, token_budget=b, seed=0, progress=False))
+                    model, train, layers, token_budget=b, seed=0, progress=False))
                 ours[b] = timed(f"{b}/gradindex/score", lambda: compute_scores(
-                    model, factors, train, query_set, pad_id=pad, token_budget=b, progress=False)).scores.astype(np.float64)
+                    model, factors, train, query_set, token_budget=b, progress=False)).scores.astype(np.float64)
                 log(f"[{rep + 1}/{args.repeat}] budget {b}: gradindex fit {times[f'{b}/gradindex/fit'][-1]:.2f}s, "
                     f"scores {times[f'{b}/gradindex/score'][-1]:.2f}s")
                 for m in modes:
@@ -188,7 +188,7 @@ def main(argv=None) -> None:
                 ref = refs[(b, m)]
                 spearman, pearson = agreement(ours[b], ref)
                 same = compute_scores(model, factors_from_kronfluence(analyzers[(b, m)], "ekfac", layers), train, query_set,
-                                      pad_id=pad, token_budget=b, progress=False).scores.astype(np.float64)
+                                      token_budget=b, progress=False).scores.astype(np.float64)
                 large = np.abs(ref) > 0.01 * np.abs(ref).max(axis=1, keepdims=True)
                 rel = float((np.abs(same - ref) / np.abs(ref))[large].max())
                 best = {k: min(times[f"{b}/{k}"]) for k in ("gradindex/fit", "gradindex/score", f"{m}/fit", f"{m}/score")}

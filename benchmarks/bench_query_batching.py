@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 from benchmarks.bench_corpus import prepare_benchmark
 from gradindex.data import load_queries, tokenize_queries
-from gradindex.scores import low_rank, query_bytes, query_gradients, score_preconditioned
+from gradindex.scores import low_rank, query_bytes, query_gradients
 from gradindex.search import GradIndex
 
 
@@ -41,19 +41,17 @@ def main() -> None:
     art = prepare_benchmark()
     queries = load_queries(art.fact_queries_path) + load_queries(art.text_queries_path)
     index = GradIndex.open(args.index)
-    pad = index.tokenizer.pad_token_id
     rows = np.sort(np.random.default_rng(0).choice(index.n, args.rows, replace=False))
-    train = index.tokenized(rows)
-    token_train = index.tokenized(rows[: args.token_rows])
-    tokenized = tokenize_queries(index.tokenizer, queries, index.max_query_length)
-    full = query_gradients(index.model, index.factors, tokenized, pad_id=pad, token_budget=index.token_budget)
+    train = index.training_set(rows)
+    token_train = index.training_set(rows[: args.token_rows])
+    tokenized = tokenize_queries(index.lm.tokenizer, queries, index.max_query_length)
+    full = query_gradients(index.lm.model, index.factors, tokenized, token_budget=index.token_budget)
 
     def run(p, data, per_token):
         best = float("inf")
         for _ in range(args.repeats):
             t = time.perf_counter()
-            result = score_preconditioned(index.model, index.factors.specs, p, data, pad_id=pad, token_budget=index.token_budget,
-                                          per_token=per_token, progress=False)
+            result = index.rescore(p, data, per_token=per_token)
             best = min(best, time.perf_counter() - t)
         return result.scores, best
 

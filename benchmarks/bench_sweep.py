@@ -18,13 +18,10 @@ import numpy as np
 import torch
 
 from benchmarks.index_common import example, fact_and_text_queries, recall_at_depths
-from gradindex.build import shard_gradients
+from gradindex import Factors, fit, load_model
 from gradindex.compress import CompressionConfig, Compressor
-from gradindex.data import tokenize_queries
-from gradindex.factors import Factors
-from gradindex.model import load_model
-from gradindex.pipeline import fit, tokenize_training_data
-from gradindex.scores import compute_scores, sequence_gradients
+from gradindex.data import load_texts, tokenize_queries, tokenize_texts
+from gradindex.scores import compute_scores
 
 DEPTHS = (10, 20, 50, 100, 200, 500, 1000)
 STAGE1 = [
@@ -46,36 +43,35 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     art = example(args.quick)
-    model, tokenizer = load_model(str(art.model_dir))
-    train = tokenize_training_data(tokenizer, str(art.train_path), max_length=art.max_length)
-    factors: Factors = fit(model, str(art.train_path), tokenizer=tokenizer, max_length=art.max_length, progress=False)
+    lm = load_model(str(art.model_dir))
+    model, tokenizer = lm.model, lm.tokenizer
+    train = tokenize_texts(tokenizer, load_texts(str(art.train_path))["text"], art.max_length)
+    factors: Factors = fit(lm, str(art.train_path), max_length=art.max_length, progress=False)
     kinds = fact_and_text_queries(art, args.n_text_queries)
     queries = [q for qs in kinds.values() for q in qs]
     kind_of = np.array([k for k, qs in kinds.items() for _ in qs])
     query_set = tokenize_queries(tokenizer, queries, 128)
-    pad = tokenizer.pad_token_id
 
     t = time.perf_counter()
-    exact = compute_scores(model, factors, train, query_set, pad_id=pad, progress=False).scores
+    exact = compute_scores(model, factors, train, query_set, progress=False).scores
     print(f"brute force: {len(queries)} queries × {len(train)} sequences in {time.perf_counter() - t:.1f}s", flush=True)
 
-    grads = sequence_gradients(model, factors.specs, query_set, pad_id=pad)
-    rotated = {n: factors.rotate(n, g).float() for n, g in grads.items()}
     rows = []
-    base = CompressionConfig(rank=max(RANKS), power_iterations=args.power_iterations)
+    base = CompressionConfig(stage2_rank=max(RANKS), power_iterations=args.power_iterations)
     for scheme, dim, damping in STAGE1[:1] if args.stage2_only else STAGE1:
         config = replace(base, stage1=scheme, stage1_dim=dim, stage1_damping_scale=damping)
         comp = Compressor(factors, config)
         t = time.perf_counter()
-        vectors, lowrank, _ = shard_gradients(model, factors, comp, train, pad_id=pad, token_budget=2048)
+        vectors, codes, _ = comp.encode(model, train, token_budget=2048)
         seconds = time.perf_counter() - t
-        qv, whitened = comp.query_vectors(rotated)
-        s1 = qv.numpy() @ vectors.astype(np.float32).T
+        embedding = comp.embed(model, query_set)
+        whitened = embedding.whitened
+        s1 = embedding.vectors @ vectors.astype(np.float32).T
         rows.append(_row(f"stage 1 {scheme} {dim}/layer, damping {damping}×", comp.vector_dim * 2, s1, exact, kind_of, seconds))
         if (scheme, dim, damping) == STAGE1[0]:
             for rank in RANKS:
-                keep = lowrank[:, : rank * comp.component_dim]  # a prefix of the stored factors is the lower rank
-                s2 = np.concatenate([comp.lowrank_scores(torch.from_numpy(keep[i : i + 256]), whitened).numpy() for i in range(0, len(keep), 256)], 1)
+                keep = codes[:, : rank * comp.component_dim]  # a prefix of the stored codes is the lower rank
+                s2 = np.concatenate([comp.stage2_scores(torch.from_numpy(keep[i : i + 256]), whitened).numpy() for i in range(0, len(keep), 256)], 1)
                 rows.append(_row(f"stage 2 rank {rank}, {args.power_iterations} power iterations", keep.shape[1] * 2, s2, exact, kind_of, float("nan")))
     for r in rows:
         print(json.dumps(r), flush=True)

@@ -355,7 +355,6 @@ def factors_from_kronfluence(
         fisher="empirical" if getattr(factor_args, "use_empirical_fisher", False) else "true",
         compute_dtype=str(dtype).removeprefix("torch."),
         factor_dtype=str(dtype).removeprefix("torch."),
-        extra={"source": "kronfluence", "factors_name": factors_name},
         **(describe or {}),
     )
     return Factors(layers, config)
@@ -390,9 +389,10 @@ def markov_texts(
 
 
 def train_briefly(
-    model: nn.Module, data: TokenizedSet, pad_id: int, *, steps: int = 300, batch_size: int = 32, lr: float = 3e-3, seed: int = 0
+    model: nn.Module, data: TokenizedSet, *, steps: int = 300, batch_size: int = 32, lr: float = 3e-3, seed: int = 0
 ) -> list[float]:
-    """A few hundred AdamW steps of next-token training on ``data`` (mean token loss); returns the losses."""
+    """A few hundred AdamW steps of next-token training on ``data`` (mean token loss, padded with its
+    ``pad_id``); returns the losses."""
     from gradindex.data import collate
 
     g = torch.Generator().manual_seed(seed)
@@ -401,7 +401,7 @@ def train_briefly(
     losses = []
     for _ in range(steps):
         rows = torch.randint(0, len(data), (batch_size,), generator=g).tolist()
-        batch = collate(data, rows, pad_id)
+        batch = collate(data, rows)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         n = (batch.labels[:, 1:] != -100).sum().clamp(min=1)
         loss = _shifted_nll(logits, batch.labels) / n

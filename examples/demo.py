@@ -19,25 +19,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from example_data import prepare_example  # noqa: E402
-from gradindex import Factors, Query, pipeline  # noqa: E402
-from gradindex.build import build  # noqa: E402
-from gradindex.errors import GradIndexError  # noqa: E402
-from gradindex.model import load_model, model_fingerprint  # noqa: E402
-from gradindex.search import GradIndex  # noqa: E402
+from gradindex import Factors, GradIndex, GradIndexError, LanguageModel, Query, build, fit, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cached_factors(model, tokenizer, train_path: Path, out: Path, max_length: int) -> Factors:
+def cached_factors(lm: LanguageModel, train_path: Path, out: Path, max_length: int) -> Factors:
     """Reuse factors fitted earlier on this very model, else fit them."""
     try:
         factors = Factors.load(out)
-        factors.check_model(model_fingerprint(model))
+        factors.check_model(lm.model_hash)
         print(f"reusing factors in {out}", file=sys.stderr)
         return factors
     except GradIndexError:
         started = time.perf_counter()
-        factors = pipeline.fit(model, train_path, tokenizer=tokenizer, out=out, max_length=max_length)
+        factors = fit(lm, train_path, out=out, max_length=max_length)
         print(f"fitted factors in {time.perf_counter() - started:.1f}s -> {out}", file=sys.stderr)
         return factors
 
@@ -45,14 +41,14 @@ def cached_factors(model, tokenizer, train_path: Path, out: Path, max_length: in
 def example_index(quick: bool = False, cache: str | Path = ROOT / "examples" / ".cache", index: str | Path | None = None):
     """The example's data and its index, built (or reused) under ``indexes/``."""
     example = prepare_example(cache, quick=quick)
-    model, tokenizer = load_model(str(example.model_dir))
+    lm = load_model(str(example.model_dir))
     factors_dir = example.model_dir / "factors"
-    cached_factors(model, tokenizer, example.train_path, factors_dir, example.max_length)
+    cached_factors(lm, example.train_path, factors_dir, example.max_length)
     index_dir = Path(index or ROOT / "indexes" / ("example-quick" if quick else "example"))
     started = time.perf_counter()
-    build(model, example.train_path, index_dir, factors=factors_dir, tokenizer=tokenizer, max_length=example.max_length)
+    build(lm, example.train_path, index_dir, factors=factors_dir, max_length=example.max_length)
     print(f"index ready in {index_dir} ({time.perf_counter() - started:.1f}s)", file=sys.stderr)
-    return example, GradIndex.open(index_dir, model=model, tokenizer=tokenizer)
+    return example, GradIndex.open(index_dir, model=lm)
 
 
 def main() -> None:
@@ -78,7 +74,7 @@ def main() -> None:
         print()
     if args.check:
         exact = index.all_scores(queries)
-        texts = index.rows(np.arange(index.n), ("text",))["text"]
+        texts = index.reader.rows(np.arange(index.n), ("text",))["text"]
         for r, scores in zip(results, exact):
             best = list(dict.fromkeys(texts[i] for i in np.argsort(-scores)))[: len(r.hits)]
             found = len(set(best) & {h.text for h in r.hits}) / len(r.hits)

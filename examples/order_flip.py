@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import ROOT, example_index  # noqa: E402
 from example_data import load_facts  # noqa: E402
 from gradindex import Query  # noqa: E402
-from gradindex.evaluate import top_rows  # noqa: E402
+from gradindex.evaluation import top_rows  # noqa: E402
 
 
 def order_flip(index, facts: list[dict], k: int = 10) -> dict:
     """Influence of each fact's subject-first sentences on its forward and its reverse query."""
     forward = index.all_scores([Query(f["prompt"], f["completion"]) for f in facts])
     reverse = index.all_scores([Query(f["reverse_prompt"], f["reverse_completion"]) for f in facts])
-    texts = np.array(index.rows(np.arange(index.n), ("text",))["text"], dtype=object)
+    texts = np.array(index.reader.rows(np.arange(index.n), ("text",))["text"], dtype=object)
     per_fact = []
     for i, fact in enumerate(facts):
         own = np.isin(texts, fact["templates"])

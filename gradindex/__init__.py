@@ -1,16 +1,25 @@
-"""gradindex: which training sequences made a language model say this? EK-FAC influence, indexed."""
+"""gradindex: which training sequences made a language model say this? EK-FAC influence, indexed.
+
+    import gradindex as gi
+    gi.build("my-model", "train.jsonl", "indexes/mine")
+    hits = gi.GradIndex.open("indexes/mine").query("The capital of Zorbania is", " Quellport.", k=10).hits
+"""
 
 __version__ = "0.1.0"
 
-from .data import Query, TokenizedSet, load_queries, load_texts, tokenize_queries, tokenize_texts  # noqa: E402
+from .compress import CompressionConfig  # noqa: E402
+from .data import Query  # noqa: E402
 from .errors import GradIndexError  # noqa: E402
-from .factors import Factors, FitConfig, fit_factors  # noqa: E402
-from .layers import LayerSpec, select_layers  # noqa: E402
-from .model import load_model  # noqa: E402
-from .scores import ScoreResult, compute_scores, query_gradients  # noqa: E402
+from .evaluation import EvalReport  # noqa: E402
+from .factors import Factors  # noqa: E402
+from .model import LanguageModel, load_model  # noqa: E402
+from .options import BuildOptions, QueryOptions  # noqa: E402
+from .pipeline import build, evaluate, fit, merge, score  # noqa: E402
+from .report import write_report  # noqa: E402
+from .scores import ScoreResult  # noqa: E402
+from .search import GradIndex, Hit, QueryResult  # noqa: E402
 
 __all__ = [
-    "Factors", "FitConfig", "GradIndexError", "LayerSpec", "Query", "ScoreResult", "TokenizedSet",
-    "compute_scores", "fit_factors", "load_model", "load_queries", "load_texts", "query_gradients",
-    "select_layers", "tokenize_queries", "tokenize_texts",
+    "BuildOptions", "CompressionConfig", "EvalReport", "Factors", "GradIndex", "GradIndexError", "Hit", "LanguageModel", "Query",
+    "QueryOptions", "QueryResult", "ScoreResult", "build", "evaluate", "fit", "load_model", "merge", "score", "write_report",
 ]

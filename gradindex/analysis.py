@@ -1,4 +1,5 @@
-"""Analyses of a query's influence over the training set (Grosse et al. 2023 §5): how concentrated it is.
+"""Analyses over the whole training set (Grosse et al. 2023 §5): how concentrated a query's influence is,
+and which sequences have the highest self-influence.
 
 Exact influence of every sequence costs a pass over the training set, so the usual input is a stratified
 estimate (``estimated_influence``): the cascade's shortlists, scored exactly, stand for themselves, and a
@@ -15,6 +16,7 @@ import numpy as np
 
 from .data import Query
 from .errors import GradIndexError
+from .scores import query_gradients
 
 if TYPE_CHECKING:
     from .search import GradIndex, QueryResult
@@ -75,7 +77,7 @@ def estimated_influence(index: "GradIndex", results: list["QueryResult"], sample
         raise GradIndexError(f"the sparsity sample must be a positive number of sequences, got {sample!r}")
     known: dict[int, float] = {}
     for r in results:
-        known.update(zip(r.trace.stage2_rows.tolist(), r.trace.stage2_exact.tolist()))
+        known.update(zip(r.trace.shortlist_rows.tolist(), r.trace.stage3_scores.tolist()))
     rest = np.setdiff1d(np.arange(index.n), np.fromiter(known, dtype=np.int64, count=len(known)))
     drawn = np.sort(np.random.default_rng(seed).choice(rest, min(sample, len(rest)), replace=False))
     query = Query(results[0].prompt, results[0].completion)
@@ -83,3 +85,22 @@ def estimated_influence(index: "GradIndex", results: list["QueryResult"], sample
     scores = np.r_[np.fromiter(known.values(), dtype=np.float64, count=len(known)), scored]
     weights = np.r_[np.ones(len(known)), np.full(len(drawn), len(rest) / max(len(drawn), 1))]
     return scores, weights
+
+
+def outliers(index: "GradIndex", n: int = 20, *, exact: bool = False, damping: float | None = None,
+             damping_scale: float | None = None) -> list[tuple[int, float, str]]:
+    """The ``n`` sequences of highest self-influence I(z, z) = |W(G_z)|², from the values stored at build
+    time (stage-2 damping); ``exact`` recomputes them with the given damping, as ``scores`` would."""
+    if not isinstance(n, (int, np.integer)) or not 1 <= n <= index.n:
+        raise GradIndexError(f"n must be between 1 and the {index.n} sequences in the index, got {n}")
+    stored = index.reader.self_influence()
+    rows = np.argsort(-stored, kind="stable")[:n]
+    values = stored[rows]
+    if exact:
+        data = index.training_set(rows)
+        p = query_gradients(index.lm.model, index.factors, data, token_budget=index.token_budget, damping=damping, damping_scale=damping_scale)
+        values = np.diag(index.rescore(p, data).scores).astype(np.float64)
+        order = np.argsort(-values, kind="stable")
+        rows, values = rows[order], values[order]
+    texts = index.reader.rows(rows, ("text",))["text"]
+    return [(int(r), float(v), t) for r, v, t in zip(rows, values, texts)]

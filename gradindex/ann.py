@@ -133,11 +133,14 @@ def save_index(index, path) -> None:
 
 
 def search(index, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by inner product: (scores, rows), each (Q, k); rows are -1 where fewer than k were found."""
+    """Top-k by inner product: (scores, rows), each (Q, k); rows are -1 where fewer than k were found.
+
+    ``nprobe`` applies to this search only: it is passed with the call, never set on the shared index,
+    so one query's setting cannot leak into the next one or into another thread.
+    """
     faiss = faiss_module()
-    if nprobe and _is_ivf(index):
-        faiss.extract_index_ivf(index).nprobe = nprobe
-    return index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe and _is_ivf(index) else None
+    return index.search(np.ascontiguousarray(vectors, dtype=np.float32), k, params=params)
 
 
 def _is_ivf(index) -> bool:

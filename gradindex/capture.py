@@ -15,20 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import Batch
 from .layers import LayerSpec
-
-
-@dataclass
-class Batch:
-    """Right-padded token ids. ``labels`` holds the target id at each position, -100 where unscored."""
-
-    rows: list[int]  # positions of these sequences in their TokenizedSet
-    input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T); labels[:, t] is predicted from position t - 1
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.rows, self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
 @dataclass
@@ -97,13 +85,8 @@ def _graph_without_parameter_grads(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def capture(
-    model: nn.Module,
-    layers: list[LayerSpec],
-    batch: Batch,
-    sample_seed: int | None = None,
-) -> tuple[dict[str, LayerCapture], torch.Tensor]:
-    """Run ``batch`` through ``model`` and return each tracked layer's (a, delta) and the per-position losses.
+def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, sample_seed: int | None = None) -> dict[str, LayerCapture]:
+    """Run ``batch`` through ``model`` and return each tracked layer's (a, delta).
 
     ``sample_seed`` set: the loss uses labels sampled from the model (true Fisher), one generator per
     sequence seeded with ``sample_seed + row``; unset: the batch's own labels.
@@ -144,4 +127,4 @@ def capture(
         a = inputs[name]
         delta = torch.zeros(*a.shape[:-1], outputs[name].shape[-1], dtype=a.dtype, device=a.device) if g is None else g
         result[name] = LayerCapture(a=a, delta=delta.view(*mask.shape, -1).to(a.dtype))
-    return result, loss.detach()
+    return result

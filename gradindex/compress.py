@@ -7,18 +7,24 @@ Two compressions of W(G_z) are stored, one per cascade stage:
   FAISS: the entries of largest Λ ("topl") or a CountSketch of all entries ("sketch"). It is whitened
   with a heavier damping than the exact scorer's: that lowers the effective dimension (fewer
   directions to preserve) while keeping the top of the ranking (design notes).
-- stage 2, a rank-r factorisation U Vᵀ of each layer's W(G_z) (randomised SVD), rescored against the
-  query's full W(G_q) for the candidates only.
+- stage 2, codes: a rank-r factorisation U Vᵀ of each layer's W(G_z) (randomised SVD), rescored against
+  the query's full W(G_q) for the candidates only.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+from torch import nn
 
+from .capture import capture, device_and_dtype
+from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
 from .errors import GradIndexError
-from .factors import Factors
+from .factors import Factors, rotated_sequence_gradients
+from .files import from_dict
+from .scores import sequence_gradients
 
 STAGE1_SCHEMES = ("sketch", "topl")
 
@@ -30,29 +36,45 @@ class CompressionConfig:
     stage1: str = "sketch"  # "sketch" (CountSketch of all entries) or "topl" (entries of largest Λ)
     stage1_dim: int = 1024  # per layer: sketch buckets, or number of top-Λ entries kept
     stage1_damping_scale: float = 1.0  # λ₁ = this × mean Λ: heavier than the exact default 0.1
-    rank: int = 8  # stage 2: rank of each layer's factorisation
+    stage2_rank: int = 8  # rank of each layer's stage-2 code
     stage2_damping_scale: float | None = None  # None: the factors' own default (what exact scoring uses)
     power_iterations: int = 0  # randomised SVD; one more pass costs 20 % of build speed for no measured recall
     seed: int = 0
-    dtype: str = "float16"  # storage dtype of vectors and factors
+    dtype: str = "float16"  # storage dtype of vectors and codes
 
     def __post_init__(self):
         if self.stage1 not in STAGE1_SCHEMES:
             raise GradIndexError(f"stage-1 scheme must be one of {', '.join(STAGE1_SCHEMES)}, not {self.stage1!r}")
-        if self.stage1_dim <= 0 or self.rank <= 0:
-            raise GradIndexError("stage-1 dimension and rank must be positive")
+        if self.stage1_dim <= 0 or self.stage2_rank <= 0:
+            raise GradIndexError("stage-1 dimension and stage-2 rank must be positive")
         if self.dtype not in ("float16", "float32"):
             raise GradIndexError(f"storage dtype must be float16 or float32, not {self.dtype!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressionConfig":
+        return from_dict(cls, data, renamed={"rank": "stage2_rank"}, where="compression settings")
+
+
+@dataclass
+class QueryEmbedding:
+    """Queries as each stage sees them: raw gradients G (for the exact rerank), stage-1 vectors, the
+    stage-2-whitened W(G) per layer, and the norms |W(G)| (for cosine scores)."""
+
+    gradients: dict[str, torch.Tensor]
+    vectors: np.ndarray  # (Q, vector_dim) float32
+    whitened: dict[str, torch.Tensor]
+    norms: np.ndarray  # (Q,) float64
+
 
 class Compressor:
-    """Turns rotated gradients G̃ (…, d_out, d_in) per layer into stage-1 vectors and stage-2 factors."""
+    """Turns rotated gradients G̃ (…, d_out, d_in) per layer into stage-1 vectors and stage-2 codes."""
 
     def __init__(self, factors: Factors, config: CompressionConfig):
         self.config = config
+        self.factors = factors
         self.specs = factors.specs
         self._inv1, self._inv2, self._select = {}, {}, {}
         generator = torch.Generator().manual_seed(config.seed)
@@ -73,7 +95,7 @@ class Compressor:
         self.layer_dims = {s.name: min(config.stage1_dim, s.d_out * s.d_in) for s in self.specs}
         self.vector_dim = sum(self.layer_dims.values())
         self.component_dim = sum(s.d_out + s.d_in for s in self.specs)  # one rank-1 term of every layer
-        self.factor_dim = config.rank * self.component_dim
+        self.code_dim = config.stage2_rank * self.component_dim
         self.storage_dtype = getattr(torch, config.dtype)
 
     def _to(self, table: dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
@@ -95,43 +117,68 @@ class Compressor:
         """W(G) with the stage-2 damping, (B, d_out, d_in) float32."""
         return rotated.float() * self._to(self._inv2, name, rotated)
 
-    def lowrank(self, w: torch.Tensor) -> torch.Tensor:
-        """Rank-r factors of each (d_out, d_in) matrix: (B, r, d_out + d_in), component j = [u_j | v_j]."""
-        u, v = randomized_svd(w, self.config.rank, self.config.power_iterations, seed=self.config.seed)
+    def code(self, w: torch.Tensor) -> torch.Tensor:
+        """Rank-r codes of each (d_out, d_in) matrix: (B, r, d_out + d_in), component j = [u_j | v_j]."""
+        u, v = randomized_svd(w, self.config.stage2_rank, self.config.power_iterations, seed=self.config.seed)
         return torch.cat([u.mT, v.mT], dim=2)
 
     def compress(self, rotated: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stage-1 vectors (B, vector_dim), stage-2 factors (B, factor_dim) and exact self-influence (B,)
+        """Stage-1 vectors (B, vector_dim), stage-2 codes (B, code_dim) and exact self-influence (B,)
         under the stage-2 damping, for a batch of rotated gradients.
 
-        Factors are stored component-major (every layer's first rank-1 term, then every layer's second…),
+        Codes are stored component-major (every layer's first rank-1 term, then every layer's second…),
         largest first, so a row's prefix is the best lower-rank approximation: the rank is a query-time knob
         and reading a prefix touches only that part of the row.
         """
-        vectors, lowrank, self_influence = [], [], 0
+        vectors, codes, self_influence = [], [], 0
         for spec in self.specs:
             g = rotated[spec.name]
             vectors.append(self.stage1(spec.name, g))
             w = self.whiten2(spec.name, g)
             self_influence = self_influence + torch.linalg.vector_norm(w, dim=(1, 2)).double().square()
-            lowrank.append(self.lowrank(w))
-        return torch.cat(vectors, 1), torch.cat(lowrank, 2).flatten(1), self_influence
+            codes.append(self.code(w))
+        return torch.cat(vectors, 1), torch.cat(codes, 2).flatten(1), self_influence
+
+    def encode(self, model: nn.Module, data: TokenizedSet, token_budget: int = DEFAULT_TOKEN_BUDGET) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the index stores for every sequence of ``data``: stage-1 vectors and stage-2 codes (storage
+        dtype) and self-influence (float64), computed a batch at a time."""
+        device, dtype = device_and_dtype(model)
+        vectors = torch.zeros(len(data), self.vector_dim, dtype=self.storage_dtype)
+        codes = torch.zeros(len(data), self.code_dim, dtype=self.storage_dtype)
+        self_influence = torch.zeros(len(data), dtype=torch.float64)
+        bases = {name: (f.q_a.to(device, dtype), f.q_s.to(device, dtype)) for name, f in self.factors.layers.items()}
+        for rows in plan_batches(data, token_budget):
+            rotated = {name: rotated_sequence_gradients(c.a.to(dtype), c.delta.to(dtype), *bases[name])
+                       for name, c in capture(model, self.specs, collate(data, rows).to(device)).items()}
+            v, c, s = self.compress(rotated)
+            positions = torch.tensor(rows)
+            vectors[positions] = v.to("cpu", self.storage_dtype)
+            codes[positions] = c.to("cpu", self.storage_dtype)
+            self_influence[positions] = s.cpu()
+        return vectors.numpy(), codes.numpy(), self_influence.numpy()
 
     def query_vectors(self, rotated: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The query side: stage-1 vectors (Q, vector_dim) and full stage-2-whitened W per layer."""
         vectors = torch.cat([self.stage1(s.name, rotated[s.name]) for s in self.specs], 1)
         return vectors, {s.name: self.whiten2(s.name, rotated[s.name]) for s in self.specs}
 
-    def lowrank_scores(self, factors: torch.Tensor, whitened: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ_layers ⟨W_q, U Vᵀ⟩ for stored factors (K, r'·component_dim), any prefix rank r' ≤ r, and the
+    def embed(self, model: nn.Module, queries: TokenizedSet, token_budget: int = DEFAULT_TOKEN_BUDGET) -> QueryEmbedding:
+        """The one way queries enter the index: gradient → rotation → stage-1 vector and whitened W."""
+        gradients = sequence_gradients(model, self.specs, queries, token_budget=token_budget)
+        vectors, whitened = self.query_vectors({name: self.factors.rotate(name, g).float() for name, g in gradients.items()})
+        norms = torch.sqrt(sum(w.double().square().sum((1, 2)) for w in whitened.values())).numpy()
+        return QueryEmbedding(gradients, vectors.cpu().numpy(), whitened, norms)
+
+    def stage2_scores(self, codes: torch.Tensor, whitened: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_layers ⟨W_q, U Vᵀ⟩ for stored codes (K, r'·component_dim), any prefix rank r' ≤ r, and the
         queries' W: (Q, K) float32."""
-        factors = factors.float().view(len(factors), -1, self.component_dim)
+        codes = codes.float().view(len(codes), -1, self.component_dim)
         total, offset = 0, 0
         for spec in self.specs:
-            u = factors[:, :, offset : offset + spec.d_out]
-            v = factors[:, :, offset + spec.d_out : offset + spec.d_out + spec.d_in]
+            u = codes[:, :, offset : offset + spec.d_out]
+            v = codes[:, :, offset + spec.d_out : offset + spec.d_out + spec.d_in]
             offset += spec.d_out + spec.d_in
-            w = whitened[spec.name].to(factors.device)  # (Q, d_out, d_in)
+            w = whitened[spec.name].to(codes.device)  # (Q, d_out, d_in)
             # ⟨W_q, U Vᵀ⟩ = Σ_r u_rᵀ W_q v_r: one (K·r, d_out) × (d_out, d_in) product per query.
             uw = torch.einsum("kro,qoi->qkri", u, w)
             total = total + (uw * v).sum((2, 3))

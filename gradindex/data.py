@@ -6,12 +6,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .capture import Batch
 from .errors import GradIndexError
 
 # Padded tokens per batch. On CPU, larger batches lose more to allocating (B, T, vocab) temporaries
@@ -34,12 +33,20 @@ class TokenizedSet:
     """Token ids per sequence and which positions are scored (predicted) in each.
 
     ``scored[i][t]`` says whether token t of sequence i is a target of the loss: every token but the
-    first for training text, the completion tokens for a query.
+    first for training text, the completion tokens for a query. ``pad_id`` fills batches out to one
+    width; padding is masked everywhere, so it only has to be a valid id.
     """
 
     input_ids: list[np.ndarray]
     scored: list[np.ndarray]
     truncated: list[bool] | None = None  # per sequence: cut to the maximum length (training text only)
+    pad_id: int = 0
+
+    @classmethod
+    def training_text(cls, ids: Sequence[Sequence[int]], pad_id: int = 0, truncated: list[bool] | None = None) -> "TokenizedSet":
+        """Token ids of training text: every token but the first is scored."""
+        arrays = [np.asarray(x, dtype=np.int64) for x in ids]
+        return cls(arrays, [np.arange(len(x)) > 0 for x in arrays], truncated, pad_id)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -59,6 +66,19 @@ class TokenizedSet:
             h.update(ids.astype(np.int64).tobytes())
             h.update(np.packbits(scored).tobytes())
         return h.hexdigest()
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids. ``labels`` holds the target id at each position, -100 where unscored."""
+
+    rows: list[int]  # positions of these sequences in their TokenizedSet
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T); labels[:, t] is predicted from position t - 1
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.rows, self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
 def load_texts(data, text_field: str = "text", split: str = "train"):
@@ -151,6 +171,29 @@ def load_queries(path: str | Path) -> list[Query]:
     return queries
 
 
+def as_queries(queries=None, *, prompt: str | None = None, completion: str | None = None) -> list[Query]:
+    """The one reader of query input: a list of :class:`Query`, a jsonl file of them, or one prompt and completion."""
+    if prompt is not None or completion is not None:
+        if queries is not None:
+            raise GradIndexError("give either --queries FILE or --prompt and --completion, not both")
+        if prompt is None or completion is None:
+            raise GradIndexError("--prompt and --completion go together")
+        return [Query(prompt, completion)]
+    if queries is None:
+        raise GradIndexError("give either --queries FILE or --prompt and --completion")
+    if isinstance(queries, (str, Path)):
+        return load_queries(queries)
+    queries = list(queries)
+    if not all(isinstance(q, Query) for q in queries):
+        raise GradIndexError("queries must be Query(prompt, completion) objects or a jsonl file of them")
+    return queries
+
+
+def describe_data(data) -> str:
+    """How an index and its factors name their training data: the path given, else the object's type."""
+    return str(data) if isinstance(data, (str, Path)) else type(data).__name__
+
+
 def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int = 1000) -> TokenizedSet:
     """Tokenize training texts, truncating each to ``max_length`` tokens (truncations are counted)."""
     ids_out, truncated, buffer = [], [], []
@@ -169,8 +212,7 @@ def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int 
             flush()
     if buffer:
         flush()
-    scored = [np.arange(len(ids)) > 0 for ids in ids_out]
-    return TokenizedSet(ids_out, scored, truncated)
+    return TokenizedSet.training_text(ids_out, _pad_id(tokenizer), truncated)
 
 
 def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> TokenizedSet:
@@ -191,7 +233,12 @@ def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> To
             )
         ids_out.append(np.asarray(prompt + completion, dtype=np.int64))
         scored_out.append(np.arange(len(prompt) + len(completion)) >= len(prompt))
-    return TokenizedSet(ids_out, scored_out)
+    return TokenizedSet(ids_out, scored_out, pad_id=_pad_id(tokenizer))
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
 
 
 def plan_batches(data: TokenizedSet, token_budget: int, rows: Sequence[int] | None = None) -> list[list[int]]:
@@ -210,14 +257,9 @@ def plan_batches(data: TokenizedSet, token_budget: int, rows: Sequence[int] | No
     return plan
 
 
-def iter_batches(data: TokenizedSet, token_budget: int, pad_id: int, rows: Sequence[int] | None = None) -> Iterator[Batch]:
-    for chosen in plan_batches(data, token_budget, rows):
-        yield collate(data, chosen, pad_id)
-
-
-def collate(data: TokenizedSet, rows: Sequence[int], pad_id: int) -> Batch:
+def collate(data: TokenizedSet, rows: Sequence[int]) -> Batch:
     width = max(max(len(data.input_ids[r]) for r in rows), 1)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     for b, r in enumerate(rows):

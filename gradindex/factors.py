@@ -1,4 +1,5 @@
-"""EK-FAC factors: fitting, damping, preconditioning, and their safetensors + JSON artifacts.
+"""EK-FAC factors as an artifact: damping, rotation, preconditioning, and their safetensors + JSON files
+(fitting them is ``fitting``'s job).
 
 Per tracked layer (gradient G of shape d_out × d_in, see ``layers``):
   A = E_tokens[a aᵀ] = Q_A diag Q_Aᵀ,   S = E_tokens[δ δᵀ] = Q_S diag Q_Sᵀ   (δ under sampled labels),
@@ -8,20 +9,17 @@ Per tracked layer (gradient G of shape d_out × d_in, see ``layers``):
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
-from tqdm.auto import tqdm
 
 from . import __version__
-from .capture import capture, device_and_dtype
-from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
+from .data import DEFAULT_TOKEN_BUDGET
 from .errors import GradIndexError
+from .files import atomic_write, from_dict, read_json, sha256, write_json
 from .layers import LayerSpec
 
 FACTORS_FILE = "factors.safetensors"
@@ -42,6 +40,8 @@ class FitConfig:
     model_hash: str = ""
     tokenizer_hash: str = ""
     data: str = ""
+    text_field: str = "text"
+    modules: str = "mlp"  # the layer selection the layers came from (``select_layers``)
     max_length: int = 0
     fisher: str = "true"  # "true": labels sampled from the model; "empirical": the data's own labels
     seed: int = 0
@@ -51,11 +51,16 @@ class FitConfig:
     damping_scale: float = DEFAULT_DAMPING_SCALE
     gradindex_version: str = __version__
     fit_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def layer_specs(self) -> list[LayerSpec]:
         return [LayerSpec(**d) for d in self.layers]
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "") -> "FitConfig":
+        data = dict(data)
+        data.update(data.pop("extra", None) or {})  # gradindex 0.1 kept modules and text_field under "extra"
+        return from_dict(cls, data, where=where)
 
 
 @dataclass
@@ -108,31 +113,34 @@ class Factors:
         if tokenizer_hash is not None and tokenizer_hash != self.config.tokenizer_hash:
             raise GradIndexError("factors were fitted with another tokenizer (tokenizer hash differs)")
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, expect_sha256: str | None = None) -> str:
+        """Write ``factors.safetensors`` and ``factors.json`` into ``directory``; returns the tensors' sha256.
+
+        With ``expect_sha256`` the write is refused, and ``directory`` left as it was, unless the new
+        tensors hash to it.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         dtype = getattr(torch, self.config.factor_dtype)
         tensors = {
             f"{name}.{key}": value.to(dtype).contiguous()
             for name, f in self.layers.items()
             for key, value in asdict(f).items()
         }
-        # Write under temporary names and rename, so an interrupted save never leaves a half artifact.
-        tmp = directory / (FACTORS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "gradindex-ekfac"})
-        tmp.replace(directory / FACTORS_FILE)
-        tmp = directory / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self.config), indent=2))
-        tmp.replace(directory / CONFIG_FILE)
-        return directory
+        with atomic_write(directory / FACTORS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "gradindex-ekfac"})
+            digest = sha256(tmp)
+            if expect_sha256 is not None and digest != expect_sha256:
+                raise GradIndexError(f"{directory} holds other factors (sha256 {expect_sha256[:16]}…, these are {digest[:16]}…)")
+        write_json(directory / CONFIG_FILE, asdict(self.config), indent=2)
+        return digest
 
     @classmethod
     def load(cls, directory: str | Path) -> "Factors":
         directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file() or not (directory / FACTORS_FILE).is_file():
+        if not has_factors(directory):
             raise GradIndexError(f"no factors in {directory} (expected {CONFIG_FILE} and {FACTORS_FILE}; run `gradindex fit`)")
+        config = FitConfig.from_dict(read_json(directory / CONFIG_FILE), where=str(directory / CONFIG_FILE))
         try:
-            config = FitConfig(**json.loads((directory / CONFIG_FILE).read_text()))
             tensors = load_file(str(directory / FACTORS_FILE))
         except Exception as e:
             raise GradIndexError(f"cannot read factors in {directory}: {type(e).__name__}: {e}") from None
@@ -143,6 +151,17 @@ class Factors:
             except KeyError as e:
                 raise GradIndexError(f"factors in {directory} are incomplete: missing {e.args[0]}") from None
         return cls(layers, config)
+
+
+def has_factors(directory: str | Path) -> bool:
+    return (Path(directory) / CONFIG_FILE).is_file() and (Path(directory) / FACTORS_FILE).is_file()
+
+
+def copy_factors(source: str | Path, target: str | Path) -> None:
+    """Copy a factors folder's files as they are (byte for byte, so their hashes stay valid)."""
+    for name in (FACTORS_FILE, CONFIG_FILE):
+        with atomic_write(Path(target) / name) as tmp:
+            shutil.copyfile(Path(source) / name, tmp)
 
 
 def _rotate_first(n_tokens: int, d_out: int, d_in: int) -> bool:
@@ -156,90 +175,3 @@ def rotated_sequence_gradients(a: torch.Tensor, delta: torch.Tensor, q_a: torch.
     if _rotate_first(a.shape[1], d_out, d_in):
         return torch.einsum("bto,bti->boi", delta @ q_s, a @ q_a)
     return q_s.T @ torch.einsum("bto,bti->boi", delta, a) @ q_a
-
-
-def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    matrix = (matrix + matrix.T) / 2  # symmetric up to rounding; eigh reads one triangle only
-    return torch.linalg.eigh(matrix.double())
-
-
-def fit_factors(
-    model: nn.Module,
-    train: TokenizedSet,
-    layers: list[LayerSpec],
-    *,
-    pad_id: int,
-    fisher: str = "true",
-    seed: int = 0,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    progress: bool = True,
-    describe: dict | None = None,
-) -> Factors:
-    """Fit EK-FAC factors on ``train`` in two passes: covariances, then the eigenvalue correction.
-
-    ``describe`` fills the provenance fields of the :class:`FitConfig` (model name and hashes, data).
-    """
-    if fisher not in ("true", "empirical"):
-        raise GradIndexError(f"fisher must be 'true' or 'empirical', not {fisher!r}")
-    if len(train) == 0:
-        raise GradIndexError("no training sequences to fit factors on")
-    started = time.perf_counter()
-    device, dtype = device_and_dtype(model)
-    sample_seed = seed if fisher == "true" else None
-    plan = plan_batches(train, token_budget)
-    if not plan:
-        raise GradIndexError("every training sequence is empty: nothing to fit factors on")
-
-    def passes(desc: str):
-        for rows in tqdm(plan, desc=desc, disable=not progress, unit="batch"):
-            batch = collate(train, rows, pad_id).to(device)
-            captured, _ = capture(model, layers, batch, sample_seed=sample_seed)
-            yield batch, captured
-
-    cov_a = {s.name: torch.zeros(s.d_in, s.d_in, dtype=torch.float64, device=device) for s in layers}
-    cov_s = {s.name: torch.zeros(s.d_out, s.d_out, dtype=torch.float64, device=device) for s in layers}
-    n_tokens = 0
-    for batch, captured in passes("covariances"):
-        n_tokens += int(batch.attention_mask.sum())
-        for name, c in captured.items():
-            a = c.a.reshape(-1, c.a.shape[-1]).to(dtype)
-            d = c.delta.reshape(-1, c.delta.shape[-1]).to(dtype)
-            cov_a[name] += (a.T @ a).double()
-            cov_s[name] += (d.T @ d).double()
-
-    bases = {}
-    for s in tqdm(layers, desc="eigendecomposition", disable=not progress, unit="layer"):
-        a_vals, q_a = _eigh(cov_a[s.name] / n_tokens)
-        s_vals, q_s = _eigh(cov_s[s.name] / n_tokens)
-        bases[s.name] = (a_vals, q_a, s_vals, q_s)
-    del cov_a, cov_s
-
-    lam = {s.name: torch.zeros(s.d_out, s.d_in, dtype=torch.float64, device=device) for s in layers}
-    q_cast = {name: (q_a.to(dtype), q_s.to(dtype)) for name, (_, q_a, _, q_s) in bases.items()}
-    n_sequences = 0
-    for batch, captured in passes("eigenvalue correction"):
-        n_sequences += len(batch.rows)
-        for name, c in captured.items():
-            q_a, q_s = q_cast[name]
-            g = rotated_sequence_gradients(c.a.to(dtype), c.delta.to(dtype), q_a, q_s)
-            lam[name] += g.square().sum(0).double()
-
-    factors = {
-        name: LayerFactors(q_a=q_a.cpu(), q_s=q_s.cpu(), lam=(lam[name] / n_sequences).cpu(), a_eigvals=a_vals.cpu(), s_eigvals=s_vals.cpu())
-        for name, (a_vals, q_a, s_vals, q_s) in bases.items()
-    }
-    config = FitConfig(
-        layers=[asdict(s) for s in layers],
-        n_sequences=len(train),
-        n_tokens=train.n_tokens,
-        n_truncated=train.n_truncated,
-        data_hash=train.fingerprint(),
-        fisher=fisher,
-        seed=seed,
-        token_budget=token_budget,
-        compute_dtype=str(dtype).removeprefix("torch."),
-        factor_dtype="float64" if dtype == torch.float64 else "float32",
-        fit_seconds=time.perf_counter() - started,
-        **(describe or {}),
-    )
-    return Factors(factors, config)

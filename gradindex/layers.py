@@ -35,10 +35,6 @@ class LayerSpec:
     has_bias: bool
     transposed: bool  # Conv1D stores its weight as (d_in, d_out)
 
-    @property
-    def numel(self) -> int:
-        return self.d_out * self.d_in
-
 
 def is_trackable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))

@@ -1,9 +1,12 @@
-"""Loading a Hugging Face causal LM and fingerprinting it, so artifacts can be tied to the exact weights."""
+"""Loading a Hugging Face causal LM once, as one object that knows its tokenizer, padding, context and
+fingerprints, so artifacts can be tied to the exact weights."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -22,8 +25,49 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def load_model(name_or_path: str, dtype: str | None = None, device: str = "cpu"):
-    """Load ``(model, tokenizer)`` from a local folder or hub name, in eval mode, with a pad token set."""
+@dataclass(eq=False)
+class LanguageModel:
+    """A causal LM ready for gradindex: in eval mode, with a tokenizer that pads. Its fingerprints are
+    computed once, on first use (hashing the weights of a large model takes a while)."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str  # where it was loaded from, recorded in artifacts
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def context_length(self) -> int | None:
+        return context_length(self.model)
+
+    def max_length(self, requested: int | None = None) -> int:
+        return resolve_max_length(self.model, requested)
+
+    @cached_property
+    def model_hash(self) -> str:
+        return model_fingerprint(self.model)
+
+    @cached_property
+    def tokenizer_hash(self) -> str:
+        return tokenizer_fingerprint(self.tokenizer)
+
+
+def load_model(model, tokenizer=None, *, dtype: str | None = None, device: str = "cpu") -> LanguageModel:
+    """A :class:`LanguageModel` from a local folder or hub name, or from a model object and its tokenizer."""
+    if isinstance(model, LanguageModel):
+        return model
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise GradIndexError("a model object needs its tokenizer passed too")
+        prepare_tokenizer(tokenizer)
+        return LanguageModel(model.eval(), tokenizer, getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    module, loaded_tokenizer = _from_pretrained(str(model), dtype, device)
+    return LanguageModel(module, tokenizer or loaded_tokenizer, str(model))
+
+
+def _from_pretrained(name_or_path: str, dtype: str | None, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

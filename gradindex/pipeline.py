@@ -1,104 +1,117 @@
-"""End-to-end entry points shared by the CLI and Python users: from names and paths to factors and scores."""
+"""The façade: every ``gradindex`` verb as one Python function, from names and paths to results.
+
+The CLI calls nothing else. A model is given by name or path (loaded here, once) or as a loaded
+:class:`~gradindex.model.LanguageModel` or ``nn.Module`` with its tokenizer; an index by its folder or as
+an opened :class:`~gradindex.search.GradIndex`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-from torch import nn
-
-from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, load_queries, load_texts, tokenize_queries, tokenize_texts
-from .errors import GradIndexError
-from .factors import Factors, fit_factors
-from .layers import select_layers
-from .model import load_model, model_fingerprint, prepare_tokenizer, resolve_max_length, tokenizer_fingerprint
+from . import builder, store
+from .analysis import outliers as _outliers
+from .data import DEFAULT_TOKEN_BUDGET, Query, as_queries, load_texts, tokenize_queries, tokenize_texts
+from .evaluation import EvalReport
+from .evaluation import evaluate as _evaluate
+from .factors import Factors
+from .fitting import fit as _fit
+from .manifest import Manifest
+from .model import load_model
+from .options import BuildOptions, QueryOptions, parse_part
+from .parallel import Part
+from .report import write_report
 from .scores import ScoreResult, compute_scores
+from .search import GradIndex, QueryResult
 
 
-def model_and_tokenizer(model, tokenizer, dtype: str | None, device: str) -> tuple[nn.Module, object, str]:
-    if isinstance(model, nn.Module):
-        if tokenizer is None:
-            raise GradIndexError("a model object needs its tokenizer passed too")
-        prepare_tokenizer(tokenizer)
-        return model.eval(), tokenizer, getattr(model.config, "_name_or_path", "") or type(model).__name__
-    loaded, loaded_tokenizer = load_model(str(model), dtype=dtype, device=device)
-    return loaded, tokenizer or loaded_tokenizer, str(model)
-
-
-def tokenize_training_data(tokenizer, data, *, text_field: str = "text", max_length: int) -> TokenizedSet:
-    dataset = load_texts(data, text_field=text_field)
-    return tokenize_texts(tokenizer, dataset[text_field], max_length)
-
-
-def fit(
-    model: str | nn.Module,
-    data,
-    *,
-    tokenizer=None,
-    out: str | Path | None = None,
-    text_field: str = "text",
-    max_length: int | None = None,
-    modules: str = "mlp",
-    fisher: str = "true",
-    seed: int = 0,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    dtype: str | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> Factors:
+def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_field: str = "text", max_length: int | None = None,
+        modules: str = "mlp", fisher: str = "true", seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
+        dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Factors:
     """Fit EK-FAC factors of ``model`` on ``data`` and, with ``out``, save them there."""
-    model, tokenizer, model_name = model_and_tokenizer(model, tokenizer, dtype, device)
-    layers = select_layers(model, modules)
-    max_length = resolve_max_length(model, max_length)
-    train = tokenize_training_data(tokenizer, data, text_field=text_field, max_length=max_length)
-    describe = dict(
-        model=model_name,
-        model_hash=model_fingerprint(model),
-        tokenizer_hash=tokenizer_fingerprint(tokenizer),
-        data=str(data) if isinstance(data, (str, Path)) else type(data).__name__,
-        max_length=max_length,
-        extra={"modules": modules, "text_field": text_field},
-    )
-    factors = fit_factors(
-        model, train, layers, pad_id=tokenizer.pad_token_id, fisher=fisher, seed=seed,
-        token_budget=token_budget, progress=progress, describe=describe,
-    )
+    lm = load_model(model, tokenizer, dtype=dtype, device=device)
+    factors = _fit(lm, data, text_field=text_field, max_length=max_length, modules=modules, fisher=fisher, seed=seed,
+                   token_budget=token_budget, progress=progress)
     if out is not None:
         factors.save(out)
     return factors
 
 
-def score(
-    model: str | nn.Module,
-    factors: Factors | str | Path,
-    data,
-    queries: Sequence[Query] | str | Path,
-    *,
-    tokenizer=None,
-    text_field: str = "text",
-    max_length: int | None = None,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    damping: float | None = None,
-    damping_scale: float | None = None,
-    per_layer: bool = False,
-    per_token: bool = False,
-    query_rank: int | None = None,
-    dtype: str | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> ScoreResult:
+def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] | str | Path, *, tokenizer=None,
+          text_field: str = "text", max_length: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
+          damping: float | None = None, damping_scale: float | None = None, per_layer: bool = False, per_token: bool = False,
+          query_rank: int | None = None, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> ScoreResult:
     """EK-FAC influence of every sequence of ``data`` on every query: exact, or with each query's
     preconditioned gradient cut to rank ``query_rank`` (query batching)."""
-    model, tokenizer, _ = model_and_tokenizer(model, tokenizer, dtype, device)
+    lm = load_model(model, tokenizer, dtype=dtype, device=device)
     if not isinstance(factors, Factors):
         factors = Factors.load(factors)
-    factors.check_model(model_fingerprint(model), tokenizer_fingerprint(tokenizer))
-    max_length = resolve_max_length(model, max_length or factors.config.max_length or None)
-    if isinstance(queries, (str, Path)):
-        queries = load_queries(queries)
-    query_set = tokenize_queries(tokenizer, list(queries), resolve_max_length(model, None))
-    train = tokenize_training_data(tokenizer, data, text_field=text_field, max_length=max_length)
-    return compute_scores(
-        model, factors, train, query_set, pad_id=tokenizer.pad_token_id, token_budget=token_budget,
-        damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token, query_rank=query_rank, progress=progress,
-    )
+    factors.check_model(lm.model_hash, lm.tokenizer_hash)
+    max_length = lm.max_length(max_length or factors.config.max_length or None)
+    query_set = tokenize_queries(lm.tokenizer, as_queries(queries), lm.max_length(None))
+    train = tokenize_texts(lm.tokenizer, load_texts(data, text_field=text_field)[text_field], max_length)
+    return compute_scores(lm.model, factors, train, query_set, token_budget=token_budget, damping=damping, damping_scale=damping_scale,
+                          per_layer=per_layer, per_token=per_token, query_rank=query_rank, progress=progress)
+
+
+def build(model, data, out: str | Path, *, factors: Factors | str | Path | None = None, tokenizer=None,
+          options: BuildOptions | None = None, shard: tuple[int, int] | str | None = None, dtype: str | None = None,
+          device: str = "cpu", progress: bool = True, **overrides) -> Path:
+    """Build (or resume) the index of ``data`` under ``out`` with ``options`` and/or its fields as keywords;
+    with ``shard=(i, n)`` only part i of n (under torchrun, each rank builds its part)."""
+    options = BuildOptions.of(options, **overrides)
+    part = Part.of(parse_part(shard))
+    lm = load_model(model, tokenizer, dtype=dtype, device=part.device(device))
+    return builder.build(lm, data, out, factors=factors, options=options, part=part, progress=progress)
+
+
+def merge(parts: list[str | Path], out: str | Path, *, max_memory: int | str | None = None, index_key: str | None = None,
+          progress: bool = True) -> Manifest:
+    """Join parts built with ``shard=(i, n)`` into one index (FAISS index within ``max_memory``, e.g. "4G")."""
+    options = BuildOptions() if max_memory is None else BuildOptions(max_memory=max_memory)
+    return builder.merge(parts, out, max_memory=options.max_memory, index_key=index_key, progress=progress)
+
+
+def info(index: str | Path) -> Manifest:
+    return store.load_manifest(Path(index))
+
+
+def verify(index: str | Path) -> list[str]:
+    """Every file of the index re-hashed against its manifest: the problems found (none when sound)."""
+    return store.verify(Path(index))
+
+
+def open_index(index: GradIndex | str | Path, *, model=None, tokenizer=None, dtype: str | None = None, device: str = "cpu") -> GradIndex:
+    """An opened index (as given, or opened from its folder with its own model unless ``model``)."""
+    if isinstance(index, GradIndex):
+        return index
+    return GradIndex.open(index, model=model, tokenizer=tokenizer, dtype=dtype, device=device)
+
+
+def query(index: GradIndex | str | Path, queries, options: QueryOptions | None = None, *, model=None, dtype: str | None = None,
+          device: str = "cpu", **overrides) -> list[QueryResult]:
+    """The cascade for each query (a list of :class:`Query` or a jsonl file of them)."""
+    return open_index(index, model=model, dtype=dtype, device=device).query_many(queries, options, **overrides)
+
+
+def outliers(index: GradIndex | str | Path, n: int = 20, *, exact: bool = False, damping: float | None = None,
+             damping_scale: float | None = None, model=None, dtype: str | None = None, device: str = "cpu") -> list[tuple[int, float, str]]:
+    """The sequences of highest self-influence: (row, value, text), highest first."""
+    opened = open_index(index, model=model, dtype=dtype, device=device)
+    return _outliers(opened, n, exact=exact, damping=damping, damping_scale=damping_scale)
+
+
+def evaluate(index: GradIndex | str | Path, queries, options: QueryOptions | None = None, *, model=None, dtype: str | None = None,
+             device: str = "cpu", progress: bool = True, **overrides) -> EvalReport:
+    """Recall of each cascade stage against brute-force exact scores, and latency."""
+    return _evaluate(open_index(index, model=model, dtype=dtype, device=device), queries, options, progress=progress, **overrides)
+
+
+def report(index: GradIndex | str | Path, prompt: str, completion: str, out: str | Path, options: QueryOptions | None = None, *,
+           exact_sparsity: bool = False, sparsity_sample: int | None = None, model=None, dtype: str | None = None,
+           device: str = "cpu", **overrides) -> Path:
+    """One self-contained HTML page of a query's influence."""
+    opened = open_index(index, model=model, dtype=dtype, device=device)
+    extra = {} if sparsity_sample is None else {"sparsity_sample": sparsity_sample}
+    return write_report(opened, prompt, completion, Path(out), options, exact_sparsity=exact_sparsity, **extra, **overrides)

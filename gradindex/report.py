@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from html import escape
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from . import analysis
 from .analysis import Sparsity
 from .data import Query
 from .errors import GradIndexError
+from .files import write_text
+from .options import QueryOptions
 from .search import GradIndex, Hit, QueryResult
 
 RED, GREEN = (220, 38, 38), (22, 163, 74)  # supports / opposes the completion
@@ -66,16 +69,17 @@ def render(proponents: QueryResult, opponents: QueryResult | None, sparsity: Spa
             f'<meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body><main>{"".join(body)}</main></body></html>\n')
 
 
-def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, k: int = 10, exact_sparsity: bool = False,
-                 sparsity_sample: int = analysis.DEFAULT_SAMPLE, **query_options) -> Path:
-    """Query the index for proponents and opponents, measure the sparsity of the influence, write the page."""
+def write_report(index: GradIndex, prompt: str, completion: str, out: Path, options: QueryOptions | None = None, *,
+                 exact_sparsity: bool = False, sparsity_sample: int = analysis.DEFAULT_SAMPLE, **overrides) -> Path:
+    """Query the index for proponents and opponents (``options`` and/or its fields as keywords; the page
+    always shows distinct texts with token scores), measure the sparsity of the influence, write the page."""
     out = Path(out)
     if out.is_dir():
         raise GradIndexError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
-    proponents, opponents = (index.query(prompt, completion, k=k, per_token=True, opponents=side, distinct=True, trace=True,
-                                         **query_options) for side in (False, True))
+    options = replace(QueryOptions.of(options, **overrides), per_token=True, distinct=True)
+    proponents, opponents = (index.query(prompt, completion, replace(options, opponents=side), trace=True) for side in (False, True))
     sparsity = curve = None
-    damping = {key: query_options.get(key) for key in ("damping", "damping_scale")}
+    damping = {"damping": options.damping, "damping_scale": options.damping_scale}
     if index.n < MIN_SPARSITY_ROWS:
         note = f"Sparsity skipped: the index holds {index.n} sequences, the analysis needs at least {MIN_SPARSITY_ROWS}."
     else:
@@ -87,7 +91,7 @@ def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, k
             note = (f"Estimated from exact scores of {len(scores)} sequences: the {int(np.sum(weights == 1))} the two queries "
                     "rescored stand for themselves, a uniform sample of the others for the rest (--exact-sparsity scores every sequence).")
         sparsity, curve = analysis.sparsity(scores, weights=weights), analysis.share_curve(scores, weights)[1:]
-    _write_atomically(out, render(proponents, opponents, sparsity, curve, title=f"gradindex report · {index.root.name}", note=note))
+    write_text(out, render(proponents, opponents, sparsity, curve, title=f"gradindex report · {index.root.name}", note=note))
     return out
 
 
@@ -103,17 +107,17 @@ def display_tokens(tokens: list[str], marked: bool = True) -> list[str]:
 
 
 def _hits_section(kind: str, meaning: str, result: QueryResult, marked: bool) -> str:
-    cards = "".join(_card(rank, hit, marked) for rank, hit in enumerate(result.hits, 1))
+    cards = "".join(_card(position, hit, marked) for position, hit in enumerate(result.hits, 1))
     return f'<section id="{kind}"><h2>Top {kind} <small>· {meaning}</small></h2><ol class="hits">{cards}</ol></section>'
 
 
-def _card(rank: int, hit: Hit, marked: bool) -> str:
+def _card(position: int, hit: Hit, marked: bool) -> str:
     sign = "pos" if hit.score >= 0 else "neg"
     meta = f'row {hit.row} · {escape(Path(hit.source).name)} @ {hit.offset} · stage-2 estimate {hit.approx_score:+.4g}'
     if hit.copies:  # copies of one sentence share a card
         shown = ", ".join(map(str, hit.copies[:5])) + (", …" if len(hit.copies) > 5 else "")
         meta = f'<b>×{len(hit.copies) + 1} copies</b> (also rows {shown}) · ' + meta
-    return (f'<li class="card hit" data-row="{hit.row}"><div class="head"><span class="rank">#{rank}</span>'
+    return (f'<li class="card hit" data-row="{hit.row}"><div class="head"><span class="rank">#{position}</span>'
             f'<span class="score {sign}">{hit.score:+.4g}</span><span class="meta" title="{escape(hit.source)}">{meta}</span></div>'
             f'<div class="body"><div class="tokens">{_tokens(hit, marked)}</div>{_layer_bars(hit.per_layer)}</div></li>')
 
@@ -141,7 +145,7 @@ def _layer_bars(per_layer: dict[str, float]) -> str:
 def _sparsity_section(sparsity: Sparsity | None, curve: np.ndarray | None, note: str) -> str:
     parts = [f'<p class="note">{escape(note)}</p>' if note else ""]
     if sparsity is not None:
-        rows = "".join(f'<tr><th>top {100 * f:g} % of sequences ({_rank(f, sparsity.n)} of {sparsity.n})</th>'
+        rows = "".join(f'<tr><th>top {100 * f:g} % of sequences ({_count(f, sparsity.n)} of {sparsity.n})</th>'
                        f'<td class="share" data-fraction="{f!r}">{100 * s:.1f} %</td></tr>' for f, s in sparsity.top_share.items())
         parts.append(f'<div class="sparsity">{_curve_svg(curve, sparsity) if curve is not None else ""}<div><p>Share of the total |influence| '
                      f'carried by the most influential sequences:</p><table class="shares">{rows}</table><p>Power-law tail: |influence| ∝ '
@@ -161,21 +165,21 @@ def _curve_svg(curve: tuple[np.ndarray, np.ndarray], sparsity: Sparsity, width: 
     def y(s: float) -> float:
         return top + (1 - s) * (height - top - bottom)
 
-    ranks = np.unique(np.geomspace(1, n, 400).round().astype(int))  # a few hundred points whatever N is
-    line = " ".join(f"{x(r / n):.1f},{y(v):.1f}" for r, v in zip(ranks, np.interp(ranks / n, taken, share)))
-    uniform = " ".join(f"{x(r / n):.1f},{y(r / n):.1f}" for r in ranks)
+    counts = np.unique(np.geomspace(1, n, 400).round().astype(int))  # a few hundred points whatever N is
+    line = " ".join(f"{x(c / n):.1f},{y(v):.1f}" for c, v in zip(counts, np.interp(counts / n, taken, share)))
+    uniform = " ".join(f"{x(c / n):.1f},{y(c / n):.1f}" for c in counts)
     grid = [f'<line x1="{left}" x2="{width - right}" y1="{y(s):.1f}" y2="{y(s):.1f}" stroke="#eef0f3"/>'
             f'<text x="{left - 6}" y="{y(s) + 4:.1f}" text-anchor="end">{100 * s:g} %</text>' for s in (0, 0.25, 0.5, 0.75, 1)]
     grid += [f'<line x1="{x(10.0 ** e):.1f}" x2="{x(10.0 ** e):.1f}" y1="{top}" y2="{height - bottom}" stroke="#eef0f3"/>'
              f'<text x="{x(10.0 ** e):.1f}" y="{height - bottom + 16}" text-anchor="middle">{100 * 10.0 ** e:g} %</text>'
              for e in range(math.ceil(lo), 1)]
-    at_rank: dict[int, list[float]] = {}  # on a small set several fractions round to the same rank
+    at_count: dict[int, list[float]] = {}  # on a small set several fractions round to the same count
     for f in sparsity.top_share:
-        at_rank.setdefault(_rank(f, n), []).append(f)
+        at_count.setdefault(_count(f, n), []).append(f)
     marks = []
-    for rank, fractions in at_rank.items():
+    for count, fractions in at_count.items():
         share = sparsity.top_share[fractions[0]]
-        cx, cy = x(rank / n), y(share)
+        cx, cy = x(count / n), y(share)
         # Above-left of a point stays clear of a rising curve (markers are a decade apart: labels stay short
         # so they never meet); at the y axis there is no room on the left.
         tx, ty, anchor = (cx - 6, cy - 6, "end") if cx - left > 45 else (cx + 6, max(cy - 12, top + 10), "start")
@@ -189,21 +193,10 @@ def _curve_svg(curve: tuple[np.ndarray, np.ndarray], sparsity: Sparsity, width: 
             f'most influential first (log scale; dashed: equal influence)</text></svg>')
 
 
-def _rank(fraction: float, n: int) -> int:
-    """How many sequences the top ``fraction`` is: the rank analysis.sparsity reads the share at."""
+def _count(fraction: float, n: int) -> int:
+    """How many sequences the top ``fraction`` is: where analysis.sparsity reads the share."""
     return max(1, int(round(fraction * n)))
 
 
 def _rgba(rgb: tuple[int, int, int], alpha: float) -> str:
     return f"rgba({rgb[0]}, {rgb[1]}, {rgb[2]}, {alpha:.3f})"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write beside the target, then rename over it: an interrupted write never leaves half a page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)

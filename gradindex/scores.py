@@ -13,6 +13,7 @@ P_q (``low_rank``), r·(d_out + d_in) numbers instead of d_out·d_in per query a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from .capture import capture, device_and_dtype
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
 from .errors import GradIndexError
 from .factors import Factors
+from .files import atomic_write
 from .layers import LayerSpec
 
 # Largest intermediate (in elements) a contraction may form before it is split; ~256 MB of float32.
@@ -40,20 +42,52 @@ class ScoreResult:
     scores: np.ndarray
     per_layer: dict[str, np.ndarray] | None = None
     per_token: list[np.ndarray] | None = None
-    n_truncated: int = 0  # training sequences cut to the maximum length
+    n_truncated: int = 0  # training sequences cut to the maximum length (not saved: a property of the run)
+
+    def save(self, path: str | Path) -> list[Path]:
+        """``scores`` as ``path`` (.npy); per-layer and per-token scores beside it as ``<stem>.per_layer.npz``
+        and ``<stem>.per_token.npz`` (one array per training row). Returns the files written."""
+        path = Path(path)
+        arrays = {path: self.scores, _beside(path, "per_layer"): self.per_layer,
+                  _beside(path, "per_token"): None if self.per_token is None else {str(i): t for i, t in enumerate(self.per_token)}}
+        written = []
+        for target, value in arrays.items():
+            if value is None:
+                continue
+            with atomic_write(target) as tmp, open(tmp, "wb") as f:
+                if isinstance(value, dict):
+                    np.savez(f, **value)
+                else:
+                    np.save(f, value)
+            written.append(target)
+        return written
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScoreResult":
+        path = Path(path)
+        if not path.is_file():
+            raise GradIndexError(f"no scores at {path}")
+        per_layer, per_token = (_beside(path, kind) for kind in ("per_layer", "per_token"))
+        tokens = dict(np.load(per_token)) if per_token.is_file() else None
+        return cls(
+            scores=np.load(path),
+            per_layer=dict(np.load(per_layer)) if per_layer.is_file() else None,
+            per_token=[tokens[str(i)] for i in range(len(tokens))] if tokens is not None else None,
+        )
 
 
-def sequence_gradients(
-    model: nn.Module, layers: list[LayerSpec], data: TokenizedSet, *, pad_id: int, token_budget: int = DEFAULT_TOKEN_BUDGET
-) -> dict[str, torch.Tensor]:
+def _beside(path: Path, kind: str) -> Path:
+    return path.with_name(f"{path.with_suffix('').name}.{kind}.npz")
+
+
+def sequence_gradients(model: nn.Module, layers: list[LayerSpec], data: TokenizedSet, *, token_budget: int = DEFAULT_TOKEN_BUDGET) -> dict[str, torch.Tensor]:
     """Per-sequence gradients of the summed NLL of the scored tokens, (n, d_out, d_in) per layer."""
     device, dtype = device_and_dtype(model)
     grads = {s.name: torch.zeros(len(data), s.d_out, s.d_in, dtype=dtype, device=device) for s in layers}
     for rows in plan_batches(data, token_budget):
-        captured, _ = capture(model, layers, collate(data, rows, pad_id).to(device))
-        index = torch.tensor(rows, device=device)
-        for name, c in captured.items():
-            grads[name][index] = torch.einsum("bto,bti->boi", c.delta.to(dtype), c.a.to(dtype))
+        positions = torch.tensor(rows, device=device)
+        for name, c in capture(model, layers, collate(data, rows).to(device)).items():
+            grads[name][positions] = torch.einsum("bto,bti->boi", c.delta.to(dtype), c.a.to(dtype))
     return grads
 
 
@@ -62,13 +96,12 @@ def query_gradients(
     factors: Factors,
     queries: TokenizedSet,
     *,
-    pad_id: int,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     damping: float | None = None,
     damping_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Preconditioned query gradients P_q = H⁻¹ G_q, (n_queries, d_out, d_in) per layer."""
-    grads = sequence_gradients(model, factors.specs, queries, pad_id=pad_id, token_budget=token_budget)
+    grads = sequence_gradients(model, factors.specs, queries, token_budget=token_budget)
     return {name: factors.precondition(name, g, damping, damping_scale) for name, g in grads.items()}
 
 
@@ -157,7 +190,6 @@ def compute_scores(
     train: TokenizedSet,
     queries: TokenizedSet,
     *,
-    pad_id: int,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     damping: float | None = None,
     damping_scale: float | None = None,
@@ -168,13 +200,10 @@ def compute_scores(
 ) -> ScoreResult:
     """EK-FAC influence of every training sequence on every query, all queries in one pass over ``train``;
     exact, or with each query's preconditioned gradient cut to rank ``query_rank``."""
-    p = query_gradients(model, factors, queries, pad_id=pad_id, token_budget=token_budget, damping=damping, damping_scale=damping_scale)
+    p = query_gradients(model, factors, queries, token_budget=token_budget, damping=damping, damping_scale=damping_scale)
     if query_rank is not None:
         p = low_rank(p, query_rank)
-    return score_preconditioned(
-        model, factors.specs, p, train, pad_id=pad_id, token_budget=token_budget,
-        per_layer=per_layer, per_token=per_token, progress=progress,
-    )
+    return score_preconditioned(model, factors.specs, p, train, token_budget=token_budget, per_layer=per_layer, per_token=per_token, progress=progress)
 
 
 def score_preconditioned(
@@ -183,7 +212,6 @@ def score_preconditioned(
     p: dict[str, torch.Tensor | LowRankQuery],
     train: TokenizedSet,
     *,
-    pad_id: int,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     per_layer: bool = False,
     per_token: bool = False,
@@ -195,10 +223,8 @@ def score_preconditioned(
     layer_scores = {s.name: torch.zeros(n_q, n, dtype=torch.float64) for s in layers}
     token_scores: list[np.ndarray | None] = [np.zeros((n_q, len(ids)), np.float32) for ids in train.input_ids] if per_token else []
     for rows in tqdm(plan_batches(train, token_budget), desc="scoring", disable=not progress, unit="batch"):
-        batch = collate(train, rows, pad_id).to(device)
-        captured, _ = capture(model, layers, batch)
         tokens_total = None
-        for name, c in captured.items():
+        for name, c in capture(model, layers, collate(train, rows).to(device)).items():
             s = contract(p[name], c.a.to(dtype), c.delta.to(dtype), per_token=per_token)
             if per_token:
                 tokens_total = s if tokens_total is None else tokens_total + s

@@ -1,148 +1,179 @@
-"""The on-disk layout of an index: shards, their records, the build config and the manifest.
+"""The on-disk format of an index: every file of it is written and read here.
 
     NAME/
       build.json            what is being built (written first; a resumed build must match it)
       factors/              the EK-FAC factors the vectors were whitened with
-      shards/00000.*        per shard of rows [j·S, (j+1)·S): vectors.npy (stage 1), lowrank.npy
-                            (stage 2), meta.parquet (global row id, source, offset, text, tokens),
-                            and 00000.json, written last, which marks the shard complete
+      shards/00000.*        per shard of rows [j·S, (j+1)·S): vectors.npy (stage-1 vectors), lowrank.npy
+                            (stage-2 codes), meta.parquet (global row id, source, offset, text, tokens,
+                            self-influence), and 00000.json, written last, which marks the shard complete
       index.faiss           the stage-1 FAISS index over all rows
+      lexical/              TF-IDF of every text (derived data: rebuilt from the metadata if missing)
       manifest.json         written last: the index is complete iff it exists
 
-Every file is written under a temporary name and renamed, so a killed build leaves only complete
-files behind. Metadata carries explicit global row ids; nothing is paired by file order.
+Every file is written atomically (``files.atomic_write``), so a killed build leaves only complete files
+behind. Metadata carries explicit global row ids; nothing is paired by file order.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import asdict, dataclass, field
+import shutil
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import ann
+from .data import TokenizedSet
 from .errors import GradIndexError
+from .factors import CONFIG_FILE, FACTORS_FILE
+from .files import atomic_write, read_json, write_json
+from .lexical import Lexical
+from .manifest import FILE_KINDS, BuildConfig, FaissEntry, FileEntry, Manifest, ShardRecord
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 BUILD_CONFIG = "build.json"
 INDEX_FILE = "index.faiss"
 FACTORS_DIR = "factors"
 SHARDS_DIR = "shards"
-SHARD_KINDS = ("vectors", "lowrank", "meta")
+LEXICAL_DIR = "lexical"
+MANIFEST = "manifest.json"
 _SUFFIX = {"vectors": "vectors.npy", "lowrank": "lowrank.npy", "meta": "meta.parquet"}
 
 
-@dataclass
-class BuildConfig:
-    """What an index is built from; a resumed or merged build must agree on every field."""
-
-    model: str
-    model_hash: str
-    tokenizer_hash: str
-    factors_hash: str
-    data: str
-    data_rows: int
-    data_fingerprint: str
-    text_field: str
-    max_length: int
-    shard_size: int
-    compression: dict
-    layers: list[dict] = field(default_factory=list)
-
-    @property
-    def n_shards(self) -> int:
-        return -(-self.data_rows // self.shard_size)
-
-    def shard_rows(self, j: int) -> range:
-        return range(j * self.shard_size, min((j + 1) * self.shard_size, self.data_rows))
-
-
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def shard_path(root: Path, j: int, kind: str) -> Path:
-    return root / SHARDS_DIR / f"{j:05d}.{_SUFFIX[kind]}"
+    return Path(root) / SHARDS_DIR / f"{j:05d}.{_SUFFIX[kind]}"
 
 
 def record_path(root: Path, j: int) -> Path:
-    return root / SHARDS_DIR / f"{j:05d}.json"
+    return Path(root) / SHARDS_DIR / f"{j:05d}.json"
 
 
-def write_record(root: Path, j: int, rows: range, extra: dict) -> dict:
-    """Hash a shard's files and write its record — the marker that the shard is complete."""
-    files = {}
-    for kind in SHARD_KINDS:
-        p = shard_path(root, j, kind)
-        files[kind] = {"name": f"{SHARDS_DIR}/{p.name}", "bytes": p.stat().st_size, "sha256": sha256(p)}
-    record = {"shard": j, "rows": [rows.start, rows.stop], "files": files, **extra}
-    atomic_write_text(record_path(root, j), json.dumps(record, indent=1))
-    return record
-
-
-def read_record(root: Path, j: int) -> dict | None:
-    """The shard's record if the shard is complete (record present, files of the recorded sizes)."""
-    p = record_path(root, j)
-    if not p.is_file():
-        return None
-    try:
-        record = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    for f in record.get("files", {}).values():
-        q = root / f["name"]
-        if not q.is_file() or q.stat().st_size != f["bytes"]:
-            return None
-    return record
-
+# -- build config ---------------------------------------------------------------------------------
 
 def save_build_config(root: Path, config: BuildConfig) -> None:
-    atomic_write_text(root / BUILD_CONFIG, json.dumps(asdict(config), indent=2))
+    write_json(Path(root) / BUILD_CONFIG, config.to_dict(), indent=2)
 
 
 def load_build_config(root: Path) -> BuildConfig | None:
-    p = root / BUILD_CONFIG
-    if not p.is_file():
+    path = Path(root) / BUILD_CONFIG
+    if not path.is_file():
         return None
     try:
-        return BuildConfig(**json.loads(p.read_text()))
-    except (ValueError, TypeError) as e:
-        raise GradIndexError(f"{p} is unreadable ({e}); delete the folder to start over") from None
+        return BuildConfig.from_dict(read_json(path), where=str(path))
+    except GradIndexError as e:
+        raise GradIndexError(f"{path} is unreadable ({e}); delete the folder to start over") from None
 
 
-def config_differences(a: BuildConfig, b: BuildConfig) -> list[str]:
-    return [k for k, v in asdict(a).items() if asdict(b)[k] != v]
+# -- shards ---------------------------------------------------------------------------------------
+
+def write_shard(root: Path, j: int, rows: range, *, texts: list[str], tokens: TokenizedSet, vectors: np.ndarray,
+                codes: np.ndarray, self_influence: np.ndarray, source: str, started: float) -> ShardRecord:
+    """Write shard j's files, then its record: the marker that the shard is complete."""
+    root = Path(root)
+    for kind, array in (("vectors", vectors), ("lowrank", codes)):
+        with atomic_write(shard_path(root, j, kind)) as tmp, open(tmp, "wb") as f:
+            np.save(f, array)
+    meta = pa.table({  # the metadata schema
+        "row_id": pa.array(np.arange(rows.start, rows.stop), pa.int64()),
+        "source": pa.array([source] * len(rows), pa.string()),
+        "offset": pa.array(np.arange(rows.start, rows.stop), pa.int64()),
+        "text": pa.array(texts, pa.string()),
+        "n_tokens": pa.array([len(x) for x in tokens.input_ids], pa.int32()),
+        "truncated": pa.array(tokens.truncated, pa.bool_()),
+        "input_ids": pa.array([x.astype(np.int32) for x in tokens.input_ids], pa.list_(pa.int32())),
+        "self_influence": pa.array(self_influence, pa.float64()),
+    })
+    with atomic_write(shard_path(root, j, "meta")) as tmp:
+        pq.write_table(meta, tmp)
+    seconds = round(time.perf_counter() - started, 3)
+    files = {kind: FileEntry.of(root, shard_path(root, j, kind)) for kind in FILE_KINDS}
+    record = ShardRecord(j, (rows.start, rows.stop), files, tokens.fingerprint(), seconds)
+    write_json(record_path(root, j), record.to_dict())
+    return record
 
 
-def load_manifest(root: Path) -> dict:
+def read_record(root: Path, j: int) -> ShardRecord | None:
+    """The shard's record if the shard is complete (record present, files of the recorded sizes)."""
+    path = record_path(root, j)
+    try:
+        record = ShardRecord.from_dict(read_json(path))
+    except GradIndexError:
+        return None
+    return record if all(f.problem(Path(root), rehash=False) is None for f in record.files.values()) else None
+
+
+def copy_shard(source: Path, target: Path, j: int) -> None:
+    """Hard-link (or copy) a complete shard of another build of the same config, its record last."""
+    for src, dst in [(shard_path(source, j, k), shard_path(target, j, k)) for k in FILE_KINDS] + [(record_path(source, j), record_path(target, j))]:
+        with atomic_write(dst) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+
+
+# -- the FAISS index and the TF-IDF ---------------------------------------------------------------
+
+def write_faiss(root: Path, faiss_index) -> None:
+    with atomic_write(Path(root) / INDEX_FILE) as tmp:
+        ann.save_index(faiss_index, tmp)
+
+
+def read_faiss(root: Path, manifest: Manifest, use_gpu: bool = False):
+    faiss_index = ann.load_index(Path(root) / INDEX_FILE, use_gpu=use_gpu)
+    if faiss_index.ntotal != manifest.n_rows or faiss_index.d != manifest.vector_dim:
+        raise GradIndexError(f"index {root}: {INDEX_FILE} holds {faiss_index.ntotal}×{faiss_index.d} vectors, the manifest says "
+                             f"{manifest.n_rows}×{manifest.vector_dim}")
+    return faiss_index
+
+
+def write_lexical(root: Path, lexical: Lexical, fingerprint: str) -> None:
+    """``lexical/``, tagged with the fingerprint of the tokens it was fitted on, so a rebuilt index never reads a stale one."""
+    with atomic_write(Path(root) / LEXICAL_DIR) as tmp:
+        lexical.save(tmp)
+        write_json(tmp / "lexical.json", {"fingerprint": fingerprint, "rows": lexical.matrix.shape[0]}, indent=None)
+
+
+def read_lexical(root: Path, fingerprint: str) -> Lexical | None:
+    """The stored TF-IDF of the index with this tokens fingerprint, or None if absent, unreadable or stale."""
+    directory = Path(root) / LEXICAL_DIR
+    try:
+        return Lexical.load(directory) if read_json(directory / "lexical.json")["fingerprint"] == fingerprint else None
+    except (GradIndexError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+
+def describe(root: Path, config: BuildConfig, records: list[ShardRecord], key: str, faiss_index) -> Manifest:
+    """The manifest of a finished build whose FAISS index is written. The factors' tensors keep the hash
+    taken when they were placed (``config.factors_hash``)."""
+    root = Path(root)
+    tensors = root / FACTORS_DIR / FACTORS_FILE
+    return Manifest.describe(
+        config, records,
+        index=FaissEntry(key, ann.default_nprobe(key), int(faiss_index.ntotal), FileEntry.of(root, root / INDEX_FILE)),
+        vector_dim=int(faiss_index.d),
+        code_dim=int(np.load(shard_path(root, 0, "lowrank"), mmap_mode="r").shape[1]),
+        factors_files=[FileEntry(tensors.relative_to(root).as_posix(), tensors.stat().st_size, config.factors_hash),
+                       FileEntry.of(root, root / FACTORS_DIR / CONFIG_FILE)],
+    )
+
+
+def save_manifest(root: Path, manifest: Manifest) -> None:
+    write_json(Path(root) / MANIFEST, manifest.to_dict())
+
+
+def load_manifest(root: Path) -> Manifest:
     """The manifest of a complete index, with clear errors for a missing, half-built or newer one."""
     root = Path(root)
     if not root.is_dir():
         raise GradIndexError(f"no index at {root} (folder not found)")
-    p = root / MANIFEST
-    if not p.is_file():
+    path = root / MANIFEST
+    if not path.is_file():
         config = load_build_config(root)
         if config is None:
             raise GradIndexError(f"no index at {root} (no {MANIFEST}; build one with `gradindex build`)")
@@ -151,55 +182,116 @@ def load_manifest(root: Path) -> dict:
             f"index at {root} is incomplete ({done} of {config.n_shards} shards built, no {MANIFEST}); "
             "re-run the same `gradindex build` to finish it"
         )
+    return Manifest.from_dict(read_json(path), where=f"index at {root}")
+
+
+def is_complete(root: Path, index_key: str | None = None) -> bool:
+    """Whether ``root`` holds a finished index (with FAISS index ``index_key``, if given)."""
     try:
-        manifest = json.loads(p.read_text())
-    except ValueError as e:
-        raise GradIndexError(f"{p} is not valid JSON ({e})") from None
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise GradIndexError(
-            f"index at {root} has schema version {version}, newer than this gradindex reads ({SCHEMA_VERSION}); upgrade gradindex"
-        )
-    return manifest
+        manifest = load_manifest(root)
+    except GradIndexError:
+        return False
+    return index_key is None or manifest.index.key == index_key
 
 
-def manifest_files(manifest: dict) -> list[dict]:
-    """Every file the manifest vouches for, with its size and hash."""
-    files = [f for shard in manifest["shards"] for f in shard["files"].values()]
-    return files + [manifest["index"]["file"]] + manifest["factors"]["files"]
-
-
-def check_sizes(root: Path, manifest: dict) -> None:
+def check_sizes(root: Path, manifest: Manifest) -> None:
     """Cheap integrity check on open: every file present with its recorded size (``verify`` re-hashes)."""
-    for f in manifest_files(manifest):
-        p = root / f["name"]
-        if not p.is_file():
-            raise GradIndexError(f"index at {root} is missing {f['name']}")
-        if p.stat().st_size != f["bytes"]:
-            raise GradIndexError(f"{p} is {p.stat().st_size} bytes, the manifest says {f['bytes']}: truncated or corrupt")
+    for f in manifest.files():
+        if (problem := f.problem(Path(root), rehash=False)) is not None:
+            if problem.startswith("missing"):
+                raise GradIndexError(f"index at {root} is {problem}")
+            raise GradIndexError(f"{Path(root) / f.name} is {(Path(root) / f.name).stat().st_size} bytes, the manifest says "
+                                 f"{f.bytes}: truncated or corrupt")
 
 
 def verify(root: Path) -> list[str]:
     """Re-hash every file against the manifest; returns the problems found (empty when sound)."""
-    root = Path(root)
-    manifest = load_manifest(root)
-    problems = []
-    for f in manifest_files(manifest):
-        p = root / f["name"]
-        if not p.is_file():
-            problems.append(f"missing {f['name']}")
-        elif p.stat().st_size != f["bytes"]:
-            problems.append(f"{f['name']}: {p.stat().st_size} bytes, expected {f['bytes']}")
-        elif sha256(p) != f["sha256"]:
-            problems.append(f"{f['name']}: sha256 differs from the manifest")
-    return problems
+    manifest = load_manifest(Path(root))
+    return [p for f in manifest.files() if (p := f.problem(Path(root), rehash=True)) is not None]
 
 
-def file_entry(root: Path, path: Path) -> dict:
-    return {"name": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256(path)}
+# -- reading --------------------------------------------------------------------------------------
 
+class ShardReader:
+    """Read access to an index's shards by global row: metadata, token ids, stage-1 vectors, stage-2 codes.
 
-def shard_texts(root: Path, n_shards: int) -> Iterator[str]:
-    """Every stored text, in row order."""
-    for j in range(n_shards):
-        yield from pq.read_table(shard_path(root, j, "meta"), columns=["text"]).column("text").to_pylist()
+    Arrays are memory-mapped and only the requested rows (and, for codes, only the requested prefix of
+    each) are read.
+    """
+
+    def __init__(self, root: Path, shard_size: int, n_shards: int):
+        self.root, self.shard_size, self.n_shards = Path(root), shard_size, n_shards
+        self._meta: dict[int, pa.Table] = {}
+        self._arrays: dict[str, list[np.ndarray]] = {}
+
+    @classmethod
+    def of(cls, root: Path, config: BuildConfig) -> "ShardReader":
+        return cls(root, config.shard_size, config.n_shards)
+
+    def meta(self, j: int) -> pa.Table:
+        if j not in self._meta:
+            try:
+                table = pq.read_table(shard_path(self.root, j, "meta"), memory_map=True)
+            except Exception as e:
+                raise GradIndexError(f"cannot read metadata shard {j} of {self.root}: {e}") from None
+            expected = np.arange(j * self.shard_size, j * self.shard_size + table.num_rows)
+            if not np.array_equal(table.column("row_id").to_numpy(), expected):
+                raise GradIndexError(f"metadata shard {j} of {self.root} does not hold rows {expected[0]}–{expected[-1]}")
+            self._meta[j] = table
+        return self._meta[j]
+
+    def rows(self, rows: Sequence[int], columns: Sequence[str] = ("text", "source", "offset")) -> dict[str, list]:
+        """Metadata columns of the given global rows, in the given order."""
+        out: dict[str, list] = {c: [None] * len(rows) for c in columns}
+        rows = np.asarray(rows, dtype=np.int64)
+        for j in np.unique(rows // self.shard_size):
+            where = np.nonzero(rows // self.shard_size == j)[0]
+            table = self.meta(int(j)).take(rows[where] - j * self.shard_size)
+            for c in columns:
+                for w, v in zip(where, table.column(c).to_pylist()):
+                    out[c][w] = v
+        return out
+
+    def token_ids(self, rows: Sequence[int]) -> list[list[int]]:
+        return self.rows(rows, ("input_ids",))["input_ids"]
+
+    def self_influence(self, rows: Sequence[int] | None = None) -> np.ndarray:
+        """Stored I(z, z) of the given rows (of every row when None)."""
+        if rows is None:
+            return np.concatenate([self.meta(j).column("self_influence").to_numpy() for j in range(self.n_shards)])
+        return np.asarray(self.rows(rows, ("self_influence",))["self_influence"], dtype=np.float64)
+
+    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+        """Stage-1 vectors of the given rows, in the storage dtype."""
+        return self._read("vectors", rows, None)
+
+    def codes(self, rows: Sequence[int], width: int | None = None) -> np.ndarray:
+        """Stage-2 codes of the given rows: the first ``width`` values of each (a lower rank), or all."""
+        return self._read("lowrank", rows, width)
+
+    def vector_blocks(self) -> Iterator[np.ndarray]:
+        """Every stage-1 vector as float32, a shard at a time, in row order."""
+        return (v.astype(np.float32) for v in self._mapped("vectors"))
+
+    def texts(self) -> Iterator[str]:
+        """Every stored text, in row order."""
+        for j in range(self.n_shards):
+            yield from pq.read_table(shard_path(self.root, j, "meta"), columns=["text"]).column("text").to_pylist()
+
+    def _mapped(self, kind: str) -> list[np.ndarray]:
+        if kind not in self._arrays:
+            self._arrays[kind] = [np.load(shard_path(self.root, j, kind), mmap_mode="r") for j in range(self.n_shards)]
+        return self._arrays[kind]
+
+    def _read(self, kind: str, rows: Sequence[int], width: int | None) -> np.ndarray:
+        arrays = self._mapped(kind)
+        rows = np.asarray(rows, dtype=np.int64)
+        width = width or arrays[0].shape[1]
+        out = np.empty((len(rows), width), dtype=arrays[0].dtype)
+        shard = rows // self.shard_size
+        for j in np.unique(shard):
+            where = np.nonzero(shard == j)[0]
+            local = rows[where] - j * self.shard_size
+            order = np.argsort(local)  # ascending reads are kinder to the page cache
+            out[where[order]] = arrays[j][local[order], :width]
+        return out

@@ -50,7 +50,7 @@ def test_estimated_influence_is_exact_scores_of_the_shortlists_and_a_weighted_sa
 
     pro = index.query("the king of the north", " wrote a book", k=3, k1=30, k2=5, trace=True)
     con = index.query("the king of the north", " wrote a book", k=3, k1=30, k2=5, opponents=True, trace=True)
-    known = set(pro.trace.stage2_rows.tolist()) | set(con.trace.stage2_rows.tolist())
+    known = set(pro.trace.shortlist_rows.tolist()) | set(con.trace.shortlist_rows.tolist())
     scores, weights = estimated_influence(index, [pro, con], sample=20, seed=3)
     tol = {"rel": 1e-4, "abs": 1e-5 * float(np.abs(exact[0]).max())}  # float32 sums batched differently
     assert len(scores) == len(known) + 20 and weights.sum() == pytest.approx(N)

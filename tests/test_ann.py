@@ -36,3 +36,20 @@ def test_index_choice_follows_the_memory_budget():
     assert ann.choose_key(10**6, 4096, 4 * 2**30).endswith(",SQ8")
     key = ann.choose_key(10**7, 4096, 4 * 2**30)
     assert key.startswith("IVF") and "PQ" in key and 4096 % int(key.split("PQ")[1]) == 0
+
+
+def test_nprobe_applies_to_one_search_only():
+    """A query's nprobe is passed with the search: the shared index keeps its own, so the next query is unaffected."""
+    faiss = ann.faiss_module()
+    x = vectors(2000)
+    index = build("IVF16,Flat", x)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = 4
+    q = np.random.default_rng(2).standard_normal((5, x.shape[1])).astype(np.float32)
+    before = ann.search(index, q, 50)[1]
+    narrow = ann.search(index, q, 50, nprobe=1)[1]
+    wide = ann.search(index, q, 50, nprobe=16)[1]
+    assert ivf.nprobe == 4 and np.array_equal(ann.search(index, q, 50)[1], before)
+    truth = np.argsort(-(q @ x.T), axis=1)[:, :50]
+    found = [len(set(a) & set(t)) for rows in (narrow, wide) for a, t in zip(rows, truth)]
+    assert sum(found[5:]) == 250 and sum(found[:5]) < 250  # all lists probed finds all; one list does not

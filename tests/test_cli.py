@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from gradindex import pipeline
 from gradindex.factors import Factors
+from gradindex.scores import ScoreResult
 from tiny import random_texts, tiny_workspace
 
 runner = CliRunner()
@@ -50,6 +51,10 @@ def test_scores_cli_matches_python_and_writes_breakdowns(workspace, tmp_path):
     assert result.exit_code == 0, result.output
     scores = np.load(out)
     assert scores.shape == (1, 30) and scores.dtype == np.float32
+    saved = ScoreResult.load(out)  # what the CLI wrote reads back whole, per-token rows in training order
+    assert np.array_equal(saved.scores, scores) and len(saved.per_token) == 30
+    np.testing.assert_allclose(sum(saved.per_layer.values()), scores, rtol=1e-4, atol=1e-5 * np.abs(scores).max())
+    np.testing.assert_allclose([t.sum() for t in saved.per_token], scores[0], rtol=1e-4, atol=1e-5 * np.abs(scores).max())
     expected = pipeline.score(workspace / "model", workspace / "factors", workspace / "train.jsonl", workspace / "queries.jsonl", progress=False)
     np.testing.assert_allclose(scores, expected.scores, rtol=1e-5)
     layers = np.load(tmp_path / "s.per_layer.npz")

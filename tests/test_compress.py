@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gradindex.build import shard_gradients
 from gradindex.compress import CompressionConfig, Compressor, randomized_svd
 from gradindex.errors import GradIndexError
-from gradindex.factors import fit_factors
+from gradindex.fitting import fit_factors
 from gradindex.layers import select_layers
 from gradindex.scores import compute_scores, sequence_gradients
 from tiny import tiny_model
@@ -17,11 +16,11 @@ from tiny import tiny_model
 def setup(tiny_sets, tokenizer):
     model = tiny_model("gpt2", width=8, dtype=torch.float64)
     train, queries = tiny_sets
-    factors = fit_factors(model, train, select_layers(model), pad_id=tokenizer.pad_token_id, progress=False)
-    exact = compute_scores(model, factors, train, queries, pad_id=tokenizer.pad_token_id, progress=False).scores
+    factors = fit_factors(model, train, select_layers(model), progress=False)
+    exact = compute_scores(model, factors, train, queries, progress=False).scores
     rotated = {}
     for name, data in (("queries", queries), ("train", train)):
-        grads = sequence_gradients(model, factors.specs, data, pad_id=tokenizer.pad_token_id)
+        grads = sequence_gradients(model, factors.specs, data)
         rotated[name] = {n: factors.rotate(n, g) for n, g in grads.items()}
     return model, factors, train, queries, exact, rotated
 
@@ -37,22 +36,22 @@ def stage_scores(setup, config, tokenizer):
     vectors, lowrank, self_influence = comp.compress(rotated["train"])
     qv, whitened = comp.query_vectors(rotated["queries"])
     stage1 = (qv @ vectors.T).numpy()
-    stage2 = comp.lowrank_scores(lowrank, whitened).numpy()
+    stage2 = comp.stage2_scores(lowrank, whitened).numpy()
     return stage1, stage2, self_influence.numpy()
 
 
 def test_builder_stores_what_the_compressor_computes(setup, tokenizer):
     """The batched, padded, float16 build path against per-sequence gradients compressed directly."""
     model, factors, train = setup[:3]
-    comp = Compressor(factors, CompressionConfig(rank=3))
-    vectors, lowrank, self_influence = shard_gradients(model, factors, comp, train, pad_id=tokenizer.pad_token_id, token_budget=64)
+    comp = Compressor(factors, CompressionConfig(stage2_rank=3))
+    vectors, lowrank, self_influence = comp.encode(model, train, token_budget=64)
     assert vectors.dtype == lowrank.dtype == np.float16 and vectors.shape == (len(train), comp.vector_dim)
     v, f, s = comp.compress(setup[5]["train"])
     np.testing.assert_allclose(vectors, v.numpy(), rtol=2e-3, atol=2e-3 * float(v.abs().max()))
     np.testing.assert_allclose(self_influence, s.numpy(), rtol=1e-6)
     _, whitened = comp.query_vectors(setup[5]["queries"])
-    stored = comp.lowrank_scores(torch.from_numpy(lowrank), whitened).numpy()
-    direct = comp.lowrank_scores(f, whitened).numpy()
+    stored = comp.stage2_scores(torch.from_numpy(lowrank), whitened).numpy()
+    direct = comp.stage2_scores(f, whitened).numpy()
     np.testing.assert_allclose(stored, direct, rtol=1e-2, atol=1e-2 * np.abs(direct).max())
 
 
@@ -66,9 +65,9 @@ def test_all_top_eigenvalue_entries_at_the_exact_damping_give_exact_influence(se
 def test_full_rank_factors_give_exact_influence_and_self_influence(setup, tokenizer):
     model, factors, train, _, exact, _ = setup
     rank = max(min(s.d_out, s.d_in) for s in factors.specs)
-    _, stage2, self_influence = stage_scores(setup, CompressionConfig(rank=rank, dtype="float32", power_iterations=2), tokenizer)
+    _, stage2, self_influence = stage_scores(setup, CompressionConfig(stage2_rank=rank, dtype="float32", power_iterations=2), tokenizer)
     np.testing.assert_allclose(stage2, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
-    own = compute_scores(model, factors, train, train, pad_id=tokenizer.pad_token_id, progress=False).scores
+    own = compute_scores(model, factors, train, train, progress=False).scores
     np.testing.assert_allclose(self_influence, np.diag(own), rtol=1e-4)
 
 
@@ -76,10 +75,10 @@ def test_count_sketch_is_unbiased(setup, tokenizer):
     """Averaged over sketch seeds, the stage-1 inner product equals influence at the stage-1 damping."""
     config = CompressionConfig(stage1="topl", stage1_dim=full_size(setup[1]), stage1_damping_scale=1.0, dtype="float32")
     target, _, _ = stage_scores(setup, config, tokenizer)
-    mean = np.mean([stage_scores(setup, CompressionConfig(stage1_dim=16, seed=s, rank=1, dtype="float32"), tokenizer)[0] for s in range(40)], 0)
+    mean = np.mean([stage_scores(setup, CompressionConfig(stage1_dim=16, seed=s, stage2_rank=1, dtype="float32"), tokenizer)[0] for s in range(40)], 0)
     err = np.abs(mean - target).max() / np.abs(target).max()
     assert err < 0.2, err  # one sketch alone is far off at 16 buckets; 40 average out
-    single = stage_scores(setup, CompressionConfig(stage1_dim=16, seed=0, rank=1, dtype="float32"), tokenizer)[0]
+    single = stage_scores(setup, CompressionConfig(stage1_dim=16, seed=0, stage2_rank=1, dtype="float32"), tokenizer)[0]
     assert np.abs(single - target).max() / np.abs(target).max() > err
 
 
@@ -111,7 +110,7 @@ def test_bad_compression_settings_are_refused():
     with pytest.raises(GradIndexError, match="stage-1 scheme"):
         CompressionConfig(stage1="pca")
     with pytest.raises(GradIndexError, match="positive"):
-        CompressionConfig(rank=0)
+        CompressionConfig(stage2_rank=0)
 
 
 def test_factor_prefixes_are_the_lower_ranks_and_converge_to_exact(setup, tokenizer):
@@ -119,9 +118,9 @@ def test_factor_prefixes_are_the_lower_ranks_and_converge_to_exact(setup, tokeni
     stage-2 scores approach exact influence as the rank grows."""
     factors, rotated, exact = setup[1], setup[5], setup[4]
     rank = max(min(s.d_out, s.d_in) for s in factors.specs)
-    comp = Compressor(factors, CompressionConfig(rank=rank, dtype="float32", power_iterations=2))
+    comp = Compressor(factors, CompressionConfig(stage2_rank=rank, dtype="float32", power_iterations=2))
     _, lowrank, _ = comp.compress(rotated["train"])
     _, whitened = comp.query_vectors(rotated["queries"])
-    errors = [np.abs(comp.lowrank_scores(lowrank[:, : r * comp.component_dim], whitened).numpy() - exact).max() for r in range(1, rank + 1)]
+    errors = [np.abs(comp.stage2_scores(lowrank[:, : r * comp.component_dim], whitened).numpy() - exact).max() for r in range(1, rank + 1)]
     assert all(a >= b - 1e-3 * np.abs(exact).max() for a, b in zip(errors, errors[1:])), errors
     assert errors[0] > 0.05 * np.abs(exact).max() and errors[-1] < 1e-4 * np.abs(exact).max()

@@ -84,7 +84,7 @@ def test_batches_respect_the_token_budget_and_cover_every_nonempty_row(tokenizer
     plan = plan_batches(data, token_budget=12)
     assert sorted(r for rows in plan for r in rows) == [0, 1, 2, 3, 5]
     for rows in plan:
-        batch = collate(data, rows, pad_id=0)
+        batch = collate(data, rows)
         assert batch.input_ids.numel() <= 12 or len(rows) == 1
         assert batch.attention_mask.sum() == sum(len(data.input_ids[r]) for r in rows)
         assert ((batch.labels != -100) <= (batch.attention_mask == 1)).all()
@@ -94,10 +94,10 @@ def test_batches_respect_the_token_budget_and_cover_every_nonempty_row(tokenizer
 
 
 def test_fitting_on_only_empty_texts_is_refused(tokenizer):
-    from gradindex.factors import fit_factors
+    from gradindex.fitting import fit_factors
     from gradindex.layers import select_layers
     from tiny import tiny_model
 
     model = tiny_model("gpt2")
     with pytest.raises(GradIndexError, match="every training sequence is empty"):
-        fit_factors(model, tokenize_texts(tokenizer, ["", ""], 8), select_layers(model), pad_id=0, progress=False)
+        fit_factors(model, tokenize_texts(tokenizer, ["", ""], 8), select_layers(model), progress=False)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from gradindex import Query, pipeline
-from gradindex.build import build
-from gradindex.evaluate import evaluate
+from gradindex.pipeline import build
+from gradindex.evaluation import evaluate
 from gradindex.search import GradIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))

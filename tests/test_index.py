@@ -12,10 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from gradindex import build as build_module
+from gradindex import builder as build_module
+from gradindex.analysis import outliers
+from gradindex.manifest import SCHEMA_VERSION
 from gradindex import pipeline
 from gradindex.data import Query, load_queries
-from gradindex.build import build, merge
+from gradindex.pipeline import build, merge
 from gradindex.compress import CompressionConfig
 from gradindex.errors import GradIndexError
 from gradindex.search import GradIndex
@@ -23,7 +25,7 @@ from gradindex.store import shard_path
 from tiny import N, SHARD, build_args, random_texts
 
 runner = CliRunner()
-COMPRESSION = CompressionConfig(stage1_dim=64, rank=4)
+COMPRESSION = CompressionConfig(stage1_dim=64, stage2_rank=4)
 ROOT = Path(__file__).resolve().parent.parent
 def shard_bytes(root):
     return {p.name: p.read_bytes() for p in sorted((root / "shards").glob("*.npy"))}
@@ -31,11 +33,11 @@ def shard_bytes(root):
 
 def test_manifest_describes_the_build(ws):
     m = json.loads((ws / "idx" / "manifest.json").read_text())
-    assert m["schema_version"] == 1 and m["n_rows"] == N and m["index"]["ntotal"] == N
+    assert m["schema_version"] == SCHEMA_VERSION and m["n_rows"] == N and m["index"]["ntotal"] == N
     assert len(m["shards"]) == -(-N // SHARD) and [s["rows"] for s in m["shards"]][-1] == [64, 70]
     assert {"gradindex", "torch", "faiss", "transformers"} <= m["versions"].keys()
     assert len(m["model_hash"]) == 32 and len(m["factors_hash"]) == 64 and m["data_rows"] == N
-    assert m["compression"]["stage1_dim"] == 64 and m["compression"]["rank"] == 4 and m["index"]["key"] == "SQfp16"
+    assert m["compression"]["stage1_dim"] == 64 and m["compression"]["stage2_rank"] == 4 and m["index"]["key"] == "SQfp16"
     assert all(len(f["sha256"]) == 64 for s in m["shards"] for f in s["files"].values())
     meta = pq.read_table(ws / "idx" / "shards" / "00001.meta.parquet")
     assert meta.column("row_id").to_pylist() == list(range(16, 32))
@@ -232,11 +234,33 @@ def test_bad_build_input_loses_nothing(ws, tmp_path):
     assert bad_shard.exit_code == 2 and "shard" in bad_shard.output
 
 
-def test_python_build_fits_factors_when_none_are_given(ws, tmp_path):
-    out = build(str(ws / "model"), str(ws / "train.jsonl"), tmp_path / "fitted", compression=COMPRESSION, shard_size=32, progress=False)
+def test_python_build_fits_factors_when_none_are_given(ws, tmp_path, monkeypatch):
+    from gradindex import model as model_module
+
+    hashed = []
+    real = model_module.model_fingerprint
+    monkeypatch.setattr(model_module, "model_fingerprint", lambda m: hashed.append(1) or real(m))
+    lm = model_module.load_model(str(ws / "model"))
+    out = build(lm, str(ws / "train.jsonl"), tmp_path / "fitted", compression=COMPRESSION, shard_size=32, token_budget=256, progress=False)
+    GradIndex.open(out, model=lm)
+    assert len(hashed) == 1  # fitting, building and opening share one hash of the weights
     assert (out / "factors" / "factors.safetensors").exists() and (out / "manifest.json").exists()
+    fitted = json.loads((out / "factors" / "factors.json").read_text())
+    assert fitted["data"] == str(ws / "train.jsonl") and fitted["token_budget"] == 256 and fitted["modules"] == "mlp"
     with pytest.raises(GradIndexError, match="nothing to merge"):
         merge([], tmp_path / "none")
+
+
+def test_other_factors_are_refused_before_the_index_loses_its_own(ws, tmp_path):
+    other = tmp_path / "other_factors"
+    pipeline.fit(str(ws / "model"), str(ws / "train.jsonl"), out=other, seed=1, progress=False)
+    factors = {p.name: p.read_bytes() for p in (ws / "idx" / "factors").iterdir()}
+    args = build_args(ws, ws / "idx")
+    args[args.index("--factors") + 1] = str(other)
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "different factors_hash" in refused.output
+    assert {p.name: p.read_bytes() for p in (ws / "idx" / "factors").iterdir()} == factors
+    assert runner.invoke(app, ["verify", str(ws / "idx")]).exit_code == 0
 
 
 def test_copies_of_a_text_share_one_exact_rescore_and_count_once_in_k2(ws, tmp_path):
@@ -247,14 +271,14 @@ def test_copies_of_a_text_share_one_exact_rescore_and_count_once_in_k2(ws, tmp_p
     out = build(str(ws / "model"), str(data), tmp_path / "dup", factors=ws / "factors", compression=COMPRESSION, progress=False)
     exact = pipeline.score(ws / "model", ws / "factors", data, [Query(texts[0], " the")], progress=False).scores[0]
     result = GradIndex.open(out).query_many([Query(texts[0], " the")], k=12, k1=len(texts), k2=12, trace=True)[0]
-    kept = [texts[r] for r in result.trace.stage2_rows]
+    kept = [texts[r] for r in result.trace.shortlist_rows]
     assert len(set(kept)) == 12  # twelve distinct texts survive stage 2 …
     for text in set(kept):  # … each with every one of its copies
         assert kept.count(text) == texts.count(text)
     hits = result.hits
     assert len(hits) == 12 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     np.testing.assert_allclose([h.score for h in hits], exact[[h.row for h in hits]], rtol=1e-5)
-    from gradindex.evaluate import true_top
+    from gradindex.evaluation import true_top
 
     assert {h.row for h in hits} <= true_top(exact, 12)  # copies tie: any of them is a true member
     # distinct=True: twelve different texts, each with its copies listed, in order of score.
@@ -273,21 +297,21 @@ def test_outliers_list_the_highest_self_influence_stored_and_exact(ws, index):
     from gradindex.scores import sequence_gradients
 
     # Independent: I(z, z) = Σ_layers |G̃_z / sqrt(Λ + λ)|² with G̃ = Q_Sᵀ G_z Q_A, λ = 0.1 · mean Λ.
-    data = index.tokenized(range(N))
-    grads = sequence_gradients(index.model, index.factors.specs, data, pad_id=index.tokenizer.pad_token_id)
+    data = index.training_set(range(N))
+    grads = sequence_gradients(index.lm.model, index.factors.specs, data)
     truth = sum(
         (index.factors.rotate(name, g).double().square() / (index.factors.layers[name].lam.double() + index.factors.damping(name))).sum((1, 2))
         for name, g in grads.items()
     ).numpy()
     order = np.argsort(-truth)
-    stored = index.outliers(5)
-    exact = index.outliers(5, exact=True)
+    stored = outliers(index, 5)
+    exact = outliers(index, 5, exact=True)
     for listing in (stored, exact):
         assert [r for r, _, _ in listing] == order[:5].tolist()
         np.testing.assert_allclose([v for _, v, _ in listing], truth[order[:5]], rtol=1e-4)
     texts = [json.loads(line)["text"] for line in (ws / "train.jsonl").read_text().splitlines()]
     assert all(t == texts[r] for r, _, t in stored)
-    heavier = index.outliers(5, exact=True, damping_scale=10.0)
+    heavier = outliers(index, 5, exact=True, damping_scale=10.0)
     assert all(h < e for (_, h, _), (_, e, _) in zip(sorted(heavier), sorted(exact)))
     result = runner.invoke(app, ["outliers", str(ws / "idx"), "-n", "3", "--json"])
     assert result.exit_code == 0 and [json.loads(x)["row"] for x in result.stdout.strip().splitlines()] == order[:3].tolist()

@@ -34,7 +34,8 @@ from benchmarks.kronfluence_ref import (  # noqa: E402
     train_briefly,
 )
 from gradindex.data import Query, TokenizedSet, tokenize_queries, tokenize_texts  # noqa: E402
-from gradindex.factors import Factors, fit_factors  # noqa: E402
+from gradindex.factors import Factors
+from gradindex.fitting import fit_factors  # noqa: E402
 from gradindex.layers import select_layers  # noqa: E402
 from gradindex.scores import compute_scores  # noqa: E402
 from tiny import WORDS, tiny_model, word_tokenizer  # noqa: E402
@@ -74,7 +75,7 @@ def _trained_weights(kind: str) -> dict:
     tok = word_tokenizer()
     model = tiny_model(kind, width=32, layers=2, vocab=len(tok), seed=0)
     data = tokenize_texts(tok, markov_texts(WORDS, 2000, seed=0), MAX_LENGTH)
-    losses = train_briefly(model, data, tok.pad_token_id, steps=200, lr=1e-2)
+    losses = train_briefly(model, data, steps=200, lr=1e-2)
     assert np.mean(losses[-20:]) < 0.5 * losses[0], "the tiny model did not learn"
     return {k: v.double() for k, v in model.state_dict().items()}
 
@@ -93,7 +94,7 @@ def trained_setup(kind: str, n_train: int) -> Setup:
 
 def gradindex_scores(s: Setup, factors: Factors) -> np.ndarray:
     return compute_scores(
-        s.model, factors, s.train, s.queries, pad_id=s.pad_id, token_budget=KRONFLUENCE_BATCH * MAX_LENGTH, progress=False
+        s.model, factors, s.train, s.queries, token_budget=KRONFLUENCE_BATCH * MAX_LENGTH, progress=False
     ).scores.astype(np.float64)
 
 
@@ -112,7 +113,7 @@ def relative_error_on_large(ours: np.ndarray, ref: np.ndarray, fraction: float =
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def compared(request, tmp_path_factory):
     s = trained_setup(request.param, N_TRAIN[request.param])
-    ours = fit_factors(s.model, s.train, s.specs, pad_id=s.pad_id, token_budget=KRONFLUENCE_BATCH * MAX_LENGTH, seed=0, progress=False)
+    ours = fit_factors(s.model, s.train, s.specs, token_budget=KRONFLUENCE_BATCH * MAX_LENGTH, seed=0, progress=False)
     ours_scores = gradindex_scores(s, ours)
     analyzer = kronfluence_fit(
         s.model, [x.name for x in s.specs], s.train, s.pad_id, tmp_path_factory.mktemp(f"kf-{s.kind}"), KRONFLUENCE_BATCH, seed=1
@@ -166,7 +167,7 @@ def test_same_labels_give_the_same_factors(kind, fisher, tmp_path):
     """With identical labels the fits must coincide: any systematic difference (masking, bias column,
     normalisation, damping, orientation) would show here, free of sampling noise."""
     s = trained_setup(kind, 300)
-    ours = fit_factors(s.model, s.train, s.specs, pad_id=s.pad_id, fisher=fisher, seed=7, token_budget=64 * MAX_LENGTH, progress=False)
+    ours = fit_factors(s.model, s.train, s.specs, fisher=fisher, seed=7, token_budget=64 * MAX_LENGTH, progress=False)
     # The empirical run also feeds kronfluence every row padded to the full length, in file order.
     padded = dict(trim=False, sort_by_length=False, length=MAX_LENGTH) if fisher == "empirical" else {}
     analyzer = kronfluence_fit(

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from gradindex.errors import GradIndexError
-from gradindex.evaluate import evaluate
-from gradindex.lexical import LEXICAL_DIR, Lexical
+from gradindex.evaluation import evaluate
+from gradindex.lexical import Lexical
+from gradindex.store import LEXICAL_DIR, read_lexical, write_lexical
 from gradindex.search import GradIndex
 from tiny import N
 
@@ -42,11 +43,11 @@ def test_ranking_is_tfidf_cosine_similarity(tmp_path):
         expected = hand_tfidf(TEXTS, query)
         ranking = lexical.ranking(query)
         assert ranking.tolist() == np.lexsort((np.arange(len(TEXTS)), -expected.round(6))).tolist()
-    lexical.save(tmp_path / "lex", "abc")
-    again = Lexical.load(tmp_path / "lex", "abc")
+    write_lexical(tmp_path, lexical, "abc")
+    again = read_lexical(tmp_path, "abc")
     assert again.ranking("red fox").tolist() == lexical.ranking("red fox").tolist()
-    assert Lexical.load(tmp_path / "lex", "other build") is None
-    assert Lexical.load(tmp_path / "missing", "abc") is None
+    assert read_lexical(tmp_path, "other build") is None
+    assert read_lexical(tmp_path / "missing", "abc") is None
 
 
 def test_build_writes_the_tfidf_and_a_deleted_one_is_rebuilt(ws, tmp_path):
@@ -56,13 +57,13 @@ def test_build_writes_the_tfidf_and_a_deleted_one_is_rebuilt(ws, tmp_path):
     shutil.rmtree(copy / LEXICAL_DIR)
     opened = GradIndex.open(copy)
     texts = [json.loads(line)["text"] for line in (ws / "train.jsonl").read_text().splitlines()]
-    assert opened.lexical().ranking(texts[7])[0] == 7
+    assert opened.candidates.lexical().ranking(texts[7])[0] == 7
     assert (copy / LEXICAL_DIR / "matrix.npz").exists()
 
 
 def first_texts(index, ranked, limit, exclude=()):
     out = []
-    for seq in index.rows(list(ranked), ("input_ids",))["input_ids"]:
+    for seq in index.reader.rows(list(ranked), ("input_ids",))["input_ids"]:
         if tuple(seq) not in out and tuple(seq) not in exclude:
             out.append(tuple(seq))
     return out[:limit]
@@ -70,7 +71,7 @@ def first_texts(index, ranked, limit, exclude=()):
 
 def test_tfidf_and_hybrid_rescore_exactly_the_shortlist_they_name(index, exact):
     prompt, completion = "the king of the north", " wrote a book"
-    by_tfidf = index.lexical().ranking(prompt + completion)
+    by_tfidf = index.candidates.lexical().ranking(prompt + completion)
     base = index.query(prompt, completion, k=3, k1=30, k2=8, trace=True)
     by_stage2 = base.trace.stage1_rows[np.argsort(-base.trace.stage2_scores, kind="stable")]
     from_index = first_texts(index, by_stage2, 4)
@@ -78,8 +79,8 @@ def test_tfidf_and_hybrid_rescore_exactly_the_shortlist_they_name(index, exact):
                 "hybrid": set(from_index) | set(first_texts(index, by_tfidf, 4, exclude=from_index))}
     for source in ("tfidf", "hybrid"):
         result = index.query(prompt, completion, k=3, k1=30, k2=8, candidates=source, trace=True)
-        kept = sorted(set(result.trace.stage2_rows.tolist()))
-        assert {tuple(x) for x in index.rows(kept, ("input_ids",))["input_ids"]} == expected[source]
+        kept = sorted(set(result.trace.shortlist_rows.tolist()))
+        assert {tuple(x) for x in index.reader.rows(kept, ("input_ids",))["input_ids"]} == expected[source]
         # The rerank is exact: the hits are the exact top-3 of what was rescored, with exact scores.
         truth = sorted(kept, key=lambda r: -exact[0, r])[:3]
         assert [h.row for h in result.hits] == truth

@@ -6,7 +6,7 @@ import torch
 
 from gradindex.capture import sample_labels, summed_nll
 from gradindex.data import TokenizedSet
-from gradindex.factors import fit_factors
+from gradindex.fitting import fit_factors
 from gradindex.layers import select_layers
 from gradindex.scores import compute_scores, contract, sequence_gradients
 
@@ -54,7 +54,7 @@ def explicit_fisher(f, damping):
 def test_sequence_gradients_match_per_example_autograd(model64, tiny_sets, tokenizer):
     train, _ = tiny_sets
     layers = select_layers(model64, "all")
-    grads = sequence_gradients(model64, layers, train, pad_id=tokenizer.pad_token_id, token_budget=64)
+    grads = sequence_gradients(model64, layers, train, token_budget=64)
     for spec in layers:
         for i in (0, 5, 23):
             expected = autograd_gradient(model64, spec, train, i)
@@ -64,7 +64,7 @@ def test_sequence_gradients_match_per_example_autograd(model64, tiny_sets, token
 def test_covariances_and_eigenvalue_correction_match_explicit_sums(model64, tiny_sets, tokenizer):
     train, _ = tiny_sets
     layers = select_layers(model64)
-    factors = fit_factors(model64, train, layers, pad_id=tokenizer.pad_token_id, fisher="empirical", token_budget=64, progress=False)
+    factors = fit_factors(model64, train, layers, fisher="empirical", token_budget=64, progress=False)
     n_tokens = sum(len(x) for x in train.input_ids)
     for spec in layers:
         f = factors.layers[spec.name]
@@ -85,7 +85,7 @@ def test_true_fisher_uses_labels_sampled_per_sequence_whatever_the_batching(tiny
     train, _ = tiny_sets
     layers = select_layers(model)
     seed = 7
-    factors = fit_factors(model, train, layers, pad_id=tokenizer.pad_token_id, seed=seed, token_budget=64, progress=False)
+    factors = fit_factors(model, train, layers, seed=seed, token_budget=64, progress=False)
     spec = layers[0]
     s_sum = 0
     for i in range(len(train)):
@@ -97,16 +97,16 @@ def test_true_fisher_uses_labels_sampled_per_sequence_whatever_the_batching(tiny
     expected = s_sum / sum(len(x) for x in train.input_ids)
     torch.testing.assert_close(f.q_s @ torch.diag(f.s_eigvals) @ f.q_s.T, expected, rtol=1e-9, atol=1e-14)
     # Same seed, other batching: identical factors. Other seed: other labels, other S.
-    again = fit_factors(model, train, layers, pad_id=tokenizer.pad_token_id, seed=seed, token_budget=10_000, progress=False)
+    again = fit_factors(model, train, layers, seed=seed, token_budget=10_000, progress=False)
     torch.testing.assert_close(again.layers[spec.name].lam, f.lam, rtol=1e-10, atol=1e-14)
-    other = fit_factors(model, train, layers, pad_id=tokenizer.pad_token_id, seed=seed + 1, token_budget=64, progress=False)
+    other = fit_factors(model, train, layers, seed=seed + 1, token_budget=64, progress=False)
     assert not torch.allclose(other.layers[spec.name].s_eigvals, f.s_eigvals)
 
 
 def test_preconditioned_gradient_equals_explicit_damped_kronecker_inverse(model64, tiny_sets, tokenizer):
     train, _ = tiny_sets
     layers = select_layers(model64)
-    factors = fit_factors(model64, train, layers, pad_id=tokenizer.pad_token_id, token_budget=64, progress=False)
+    factors = fit_factors(model64, train, layers, token_budget=64, progress=False)
     for spec in layers:
         f = factors.layers[spec.name]
         damping = factors.damping(spec.name)
@@ -122,9 +122,8 @@ def test_preconditioned_gradient_equals_explicit_damped_kronecker_inverse(model6
 def test_scores_equal_explicit_influence_and_decompose(model64, tiny_sets, tokenizer):
     train, queries = tiny_sets
     layers = select_layers(model64)
-    pad = tokenizer.pad_token_id
-    factors = fit_factors(model64, train, layers, pad_id=pad, token_budget=64, progress=False)
-    result = compute_scores(model64, factors, train, queries, pad_id=pad, token_budget=64, per_layer=True, per_token=True, progress=False)
+    factors = fit_factors(model64, train, layers, token_budget=64, progress=False)
+    result = compute_scores(model64, factors, train, queries, token_budget=64, per_layer=True, per_token=True, progress=False)
     expected = np.zeros((len(queries), len(train)))
     for spec in layers:
         inverse = torch.linalg.inv(explicit_fisher(factors.layers[spec.name], factors.damping(spec.name)))
@@ -144,18 +143,16 @@ def test_scores_do_not_depend_on_batching_or_padding(tiny_sets, tokenizer):
 
     model = tiny_model("llama", width=8, dtype=torch.float64)
     train, queries = tiny_sets
-    pad = tokenizer.pad_token_id
-    factors = fit_factors(model, train, select_layers(model), pad_id=pad, token_budget=64, progress=False)
-    alone = compute_scores(model, factors, train, queries, pad_id=pad, token_budget=1, progress=False).scores
-    padded = compute_scores(model, factors, train, queries, pad_id=pad, token_budget=10_000, progress=False).scores
+    factors = fit_factors(model, train, select_layers(model), token_budget=64, progress=False)
+    alone = compute_scores(model, factors, train, queries, token_budget=1, progress=False).scores
+    padded = compute_scores(model, factors, train, queries, token_budget=10_000, progress=False).scores
     np.testing.assert_allclose(alone, padded, rtol=1e-6, atol=1e-9 * np.abs(alone).max())
 
 
 def test_self_influence_is_positive(model64, tiny_sets, tokenizer):
     train, _ = tiny_sets
-    pad = tokenizer.pad_token_id
-    factors = fit_factors(model64, train, select_layers(model64), pad_id=pad, token_budget=64, progress=False)
-    scores = compute_scores(model64, factors, train, train, pad_id=pad, progress=False).scores
+    factors = fit_factors(model64, train, select_layers(model64), token_budget=64, progress=False)
+    scores = compute_scores(model64, factors, train, train, progress=False).scores
     assert (np.diag(scores) > 0).all()
     # Self-influence is a squared norm in the whitened space: it bounds every pairwise score (Cauchy–Schwarz).
     diag = np.diag(scores)

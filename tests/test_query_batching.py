@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gradindex.errors import GradIndexError
-from gradindex.factors import fit_factors
+from gradindex.fitting import fit_factors
 from gradindex.layers import select_layers
 from gradindex.scores import LowRankQuery, compute_scores, contract, low_rank, query_bytes, query_gradients, sequence_gradients
 from tiny import tiny_model
@@ -16,15 +16,15 @@ def setup(tiny_sets, tokenizer):
     model = tiny_model("gpt2", width=8, dtype=torch.float64)
     train, queries = tiny_sets
     layers = select_layers(model)
-    factors = fit_factors(model, train, layers, pad_id=tokenizer.pad_token_id, token_budget=64, progress=False)
+    factors = fit_factors(model, train, layers, token_budget=64, progress=False)
     return model, factors, train, queries, tokenizer.pad_token_id
 
 
 def test_full_rank_equals_exact_scores_per_layer_and_per_token(setup):
     model, factors, train, queries, pad = setup
-    exact = compute_scores(model, factors, train, queries, pad_id=pad, token_budget=64, per_layer=True, per_token=True, progress=False)
+    exact = compute_scores(model, factors, train, queries, token_budget=64, per_layer=True, per_token=True, progress=False)
     full_rank = max(min(s.d_out, s.d_in) for s in factors.specs)
-    batched = compute_scores(model, factors, train, queries, pad_id=pad, token_budget=64, per_layer=True, per_token=True,
+    batched = compute_scores(model, factors, train, queries, token_budget=64, per_layer=True, per_token=True,
                              query_rank=full_rank, progress=False)
     np.testing.assert_allclose(batched.scores, exact.scores, rtol=1e-5, atol=1e-7 * np.abs(exact.scores).max())
     for name in exact.per_layer:
@@ -36,15 +36,15 @@ def test_full_rank_equals_exact_scores_per_layer_and_per_token(setup):
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_rank_r_scores_equal_the_explicitly_truncated_query_gradient(setup, rank):
     model, factors, train, queries, pad = setup
-    p = query_gradients(model, factors, queries, pad_id=pad, token_budget=64)
-    train_grads = sequence_gradients(model, factors.specs, train, pad_id=pad, token_budget=64)
+    p = query_gradients(model, factors, queries, token_budget=64)
+    train_grads = sequence_gradients(model, factors.specs, train, token_budget=64)
     expected = np.zeros((len(queries), len(train)))
     for name, x in p.items():
         for q in range(len(queries)):
             u, s, vt = np.linalg.svd(x[q].numpy())
             truncated = (u[:, :rank] * s[:rank]) @ vt[:rank]
             expected[q] += np.einsum("oi,noi->n", truncated, train_grads[name].numpy())
-    result = compute_scores(model, factors, train, queries, pad_id=pad, token_budget=64, per_token=True, query_rank=rank, progress=False)
+    result = compute_scores(model, factors, train, queries, token_budget=64, per_token=True, query_rank=rank, progress=False)
     np.testing.assert_allclose(result.scores, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
     # per-token scores are stored as float32
     np.testing.assert_allclose([t.sum(-1) for t in result.per_token], result.scores.T, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
@@ -63,7 +63,7 @@ def test_both_low_rank_contractions_agree_with_the_rebuilt_matrix():
 
 def test_low_rank_holds_less_memory_and_refuses_bad_ranks(setup):
     model, factors, train, queries, pad = setup
-    p = query_gradients(model, factors, queries, pad_id=pad, token_budget=64)
+    p = query_gradients(model, factors, queries, token_budget=64)
     assert query_bytes(low_rank(p, 1)) < query_bytes(low_rank(p, 2)) < query_bytes(p)
     for bad in (0, -3, 1.5, True):
         with pytest.raises(GradIndexError, match="query rank"):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from gradindex import analysis, pipeline
 from gradindex.data import Query
-from gradindex.report import _write_atomically, display_tokens, render, write_report
+from gradindex.report import display_tokens, render, write_report
 from gradindex.search import GradIndex
 from tiny import random_texts, tiny_workspace
 
@@ -189,14 +189,6 @@ def test_whitespace_markers_become_whitespace():
     assert display_tokens(["Hello", "Ġworld", "Ċ", "ĠĠx"]) == ["Hello", " world", "↵\n", "  x"]
     assert display_tokens(["▁Hello", "▁wor", "ld", "<0x0A>"]) == [" Hello", " wor", "ld", "↵\n"]
     assert display_tokens(["the", "king"], marked=False) == ["the", " king"]
-
-
-def test_interrupted_write_keeps_the_old_file(tmp_path):
-    path = tmp_path / "report.html"
-    path.write_text("old")
-    with pytest.raises(UnicodeEncodeError):
-        _write_atomically(path, "new \ud800")  # a lone surrogate fails half-way through encoding
-    assert path.read_text() == "old" and os.listdir(tmp_path) == ["report.html"]
 
 
 def test_report_without_enough_rows_for_sparsity_says_so(ws, tmp_path, monkeypatch):

@@ -1,0 +1,90 @@
+"""Which texts the exact rerank rescores: the index's own best by stage-2 score, the most TF-IDF-similar
+to the query (the paper's lexical filter), or half of each; copies of one text count once and share one
+rescore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import Query
+from .errors import GradIndexError
+from .lexical import Lexical
+from .options import CANDIDATE_SOURCES
+from .store import ShardReader, read_lexical, write_lexical
+
+
+@dataclass
+class Shortlist:
+    """The rows to rescore exactly, copies of a kept text included, grouped by text.
+
+    ``groups[g]`` lists positions into ``rows`` holding one text, its first the representative that is
+    rescored for all of them; ``token_ids[i]`` are the stored tokens of ``rows[i]``.
+    """
+
+    rows: np.ndarray
+    token_ids: list[list[int]]
+    groups: list[list[int]] = field(default_factory=list)
+
+    @property
+    def representatives(self) -> np.ndarray:
+        return self.rows[[g[0] for g in self.groups]]
+
+
+class Candidates:
+    """Shortlists over one index's rows; the TF-IDF is loaded (or fitted) the first time it is needed."""
+
+    def __init__(self, reader: ShardReader, tokens_fingerprint: str):
+        self.reader = reader
+        self.tokens_fingerprint = tokens_fingerprint
+        self._lexical: Lexical | None = None
+
+    def lexical(self) -> Lexical:
+        """The TF-IDF of every indexed text (written at build time; rebuilt from the metadata if missing)."""
+        if self._lexical is None:
+            lexical = read_lexical(self.reader.root, self.tokens_fingerprint)
+            if lexical is None:
+                lexical = Lexical.fit(self.reader.texts())
+                try:
+                    write_lexical(self.reader.root, lexical, self.tokens_fingerprint)
+                except OSError:
+                    pass  # a read-only index keeps it in memory
+            self._lexical = lexical
+        return self._lexical
+
+    def shortlist(self, by_stage2: np.ndarray, query: Query, k2: int, source: str = "index") -> Shortlist:
+        """The k2 distinct texts to rescore: from ``by_stage2`` (rows, best first), from TF-IDF similarity
+        to the query's text, or the index's best half then TF-IDF's."""
+        if source not in CANDIDATE_SOURCES:
+            raise GradIndexError(f"candidates must be one of {', '.join(CANDIDATE_SOURCES)}; got {source!r}")
+        out = Shortlist(np.zeros(0, dtype=np.int64), [])
+        rows: list[int] = []
+        seen: set[int] = set()
+        group_of: dict[tuple, int] = {}
+
+        def take(ranked: np.ndarray, limit: int, chunk: int) -> None:
+            for start in range(0, len(ranked), chunk):
+                part = ranked[start : start + chunk]
+                for row, seq in zip(part.tolist(), self.reader.token_ids(part)):
+                    key = tuple(seq)
+                    if key not in group_of:
+                        if len(out.groups) >= limit:
+                            continue
+                        group_of[key] = len(out.groups)
+                        out.groups.append([])
+                    elif row in seen:
+                        continue
+                    out.groups[group_of[key]].append(len(rows))
+                    rows.append(row)
+                    seen.add(row)
+                    out.token_ids.append(seq)
+                if len(out.groups) >= limit:
+                    return
+
+        if source != "tfidf":
+            take(by_stage2, k2 if source == "index" else (k2 + 1) // 2, max(1, len(by_stage2)))
+        if source != "index" and len(out.groups) < k2:
+            take(self.lexical().ranking(f"{query.prompt}{query.completion}"), k2, 1024)
+        out.rows = np.asarray(rows, dtype=np.int64)
+        return out

@@ -1,0 +1,83 @@
+"""File primitives every artifact uses: atomic writes, content hashes, typed JSON records.
+
+Every file gradindex writes goes through :func:`atomic_write`, so a killed process leaves either the old
+file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+from .errors import GradIndexError
+
+T = TypeVar("T")
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path``; write a file or a folder there, and it replaces
+    ``path`` when the block ends without an exception. On an exception nothing of it is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A name of its own per writer: two processes writing the same file never share a temporary.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)  # os.replace cannot put a folder over a non-empty one
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, value: Any, indent: int | None = 1) -> None:
+    write_text(path, json.dumps(value, indent=indent))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GradIndexError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def from_dict(cls: type[T], data: dict, *, renamed: dict[str, str] | None = None, where: str = "") -> T:
+    """A dataclass from its JSON form, naming any unknown or missing field instead of a TypeError.
+
+    ``renamed`` maps field names older files used to today's names.
+    """
+    if not isinstance(data, dict):
+        raise GradIndexError(f"{where or cls.__name__}: expected a JSON object, found {type(data).__name__}")
+    data = {(renamed or {}).get(k, k): v for k, v in data.items()}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(data.keys() - fields):
+        raise GradIndexError(f"{where or cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise GradIndexError(f"{where or cls.__name__}: {e}") from None

@@ -1,0 +1,123 @@
+"""Fitting EK-FAC factors: activation and output-gradient covariances, their eigenbases, and the
+eigenvalues re-fitted in those bases (see ``factors`` for what they are used for)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import capture, device_and_dtype
+from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, describe_data, load_texts, plan_batches, tokenize_texts
+from .errors import GradIndexError
+from .factors import Factors, FitConfig, LayerFactors, rotated_sequence_gradients
+from .layers import LayerSpec, select_layers
+from .model import LanguageModel
+
+
+def fit(lm: LanguageModel, data, *, text_field: str = "text", max_length: int | None = None, modules: str = "mlp",
+        data_name: str | None = None, **options) -> Factors:
+    """Fit factors of ``lm`` on ``data`` (anything :func:`data.load_texts` reads); ``options`` as for
+    :func:`fit_factors` (fisher, seed, token_budget, progress). ``data_name`` is how ``factors.json`` names
+    the data when ``data`` is an object rather than a path."""
+    layers = select_layers(lm.model, modules)
+    max_length = lm.max_length(max_length)
+    dataset = load_texts(data, text_field=text_field)
+    train = tokenize_texts(lm.tokenizer, dataset[text_field], max_length)
+    describe = dict(
+        model=lm.name, model_hash=lm.model_hash, tokenizer_hash=lm.tokenizer_hash, data=data_name or describe_data(data),
+        text_field=text_field, modules=modules, max_length=max_length,
+    )
+    return fit_factors(lm.model, train, layers, describe=describe, **options)
+
+
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    matrix = (matrix + matrix.T) / 2  # symmetric up to rounding; eigh reads one triangle only
+    return torch.linalg.eigh(matrix.double())
+
+
+def fit_factors(
+    model: nn.Module,
+    train: TokenizedSet,
+    layers: list[LayerSpec],
+    *,
+    fisher: str = "true",
+    seed: int = 0,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    progress: bool = True,
+    describe: dict | None = None,
+) -> Factors:
+    """Fit EK-FAC factors on ``train`` in two passes: covariances, then the eigenvalue correction.
+
+    ``describe`` fills the provenance fields of the :class:`FitConfig` (model name and hashes, data).
+    """
+    if fisher not in ("true", "empirical"):
+        raise GradIndexError(f"fisher must be 'true' or 'empirical', not {fisher!r}")
+    if len(train) == 0:
+        raise GradIndexError("no training sequences to fit factors on")
+    started = time.perf_counter()
+    device, dtype = device_and_dtype(model)
+    sample_seed = seed if fisher == "true" else None
+    plan = plan_batches(train, token_budget)
+    if not plan:
+        raise GradIndexError("every training sequence is empty: nothing to fit factors on")
+
+    def passes(desc: str):
+        for rows in tqdm(plan, desc=desc, disable=not progress, unit="batch"):
+            batch = collate(train, rows).to(device)
+            captured = capture(model, layers, batch, sample_seed=sample_seed)
+            yield batch, captured
+
+    cov_a = {s.name: torch.zeros(s.d_in, s.d_in, dtype=torch.float64, device=device) for s in layers}
+    cov_s = {s.name: torch.zeros(s.d_out, s.d_out, dtype=torch.float64, device=device) for s in layers}
+    n_tokens = 0
+    for batch, captured in passes("covariances"):
+        n_tokens += int(batch.attention_mask.sum())
+        for name, c in captured.items():
+            a = c.a.reshape(-1, c.a.shape[-1]).to(dtype)
+            d = c.delta.reshape(-1, c.delta.shape[-1]).to(dtype)
+            cov_a[name] += (a.T @ a).double()
+            cov_s[name] += (d.T @ d).double()
+
+    bases = {}
+    for s in tqdm(layers, desc="eigendecomposition", disable=not progress, unit="layer"):
+        a_vals, q_a = _eigh(cov_a[s.name] / n_tokens)
+        s_vals, q_s = _eigh(cov_s[s.name] / n_tokens)
+        bases[s.name] = (a_vals, q_a, s_vals, q_s)
+    del cov_a, cov_s
+
+    lam = {s.name: torch.zeros(s.d_out, s.d_in, dtype=torch.float64, device=device) for s in layers}
+    q_cast = {name: (q_a.to(dtype), q_s.to(dtype)) for name, (_, q_a, _, q_s) in bases.items()}
+    n_sequences = 0
+    for batch, captured in passes("eigenvalue correction"):
+        n_sequences += len(batch.rows)
+        for name, c in captured.items():
+            q_a, q_s = q_cast[name]
+            g = rotated_sequence_gradients(c.a.to(dtype), c.delta.to(dtype), q_a, q_s)
+            lam[name] += g.square().sum(0).double()
+
+    # Kept in the dtype they are saved in, so factors used straight after fitting and factors read back
+    # from disk whiten and precondition identically.
+    stored = torch.float64 if dtype == torch.float64 else torch.float32
+    factors = {
+        name: LayerFactors(*(t.to("cpu", stored) for t in (q_a, q_s, lam[name] / n_sequences, a_vals, s_vals)))
+        for name, (a_vals, q_a, s_vals, q_s) in bases.items()
+    }
+    config = FitConfig(
+        layers=[asdict(s) for s in layers],
+        n_sequences=len(train),
+        n_tokens=train.n_tokens,
+        n_truncated=train.n_truncated,
+        data_hash=train.fingerprint(),
+        fisher=fisher,
+        seed=seed,
+        token_budget=token_budget,
+        compute_dtype=str(dtype).removeprefix("torch."),
+        factor_dtype=str(stored).removeprefix("torch."),
+        fit_seconds=time.perf_counter() - started,
+        **(describe or {}),
+    )
+    return Factors(factors, config)

@@ -1,0 +1,217 @@
+"""The typed records an index keeps about itself (``build.json``, the shard records, ``manifest.json``) and
+their JSON forms. Where they live on disk is ``store``'s business.
+
+Schema 2 renamed what schema 1 called ``factor_dim`` and ``stage2_factors`` (the stage-2 codes, not the
+EK-FAC factors) and ``compression.rank`` (the stage-2 rank); schema-1 files are read with those names mapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .compress import CompressionConfig
+from .errors import GradIndexError
+from .files import from_dict, sha256
+
+SCHEMA_VERSION = 2
+FILE_KINDS = ("vectors", "lowrank", "meta")  # a shard's files: stage-1 vectors, stage-2 codes, metadata
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file an index vouches for: its path inside the index, size and sha256."""
+
+    name: str
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, root: Path, path: Path) -> "FileEntry":
+        return cls(path.relative_to(root).as_posix(), path.stat().st_size, sha256(path))
+
+    def problem(self, root: Path, rehash: bool) -> str | None:
+        """What is wrong with the file on disk, if anything: missing, another size, (``rehash``) other bytes."""
+        path = root / self.name
+        if not path.is_file():
+            return f"missing {self.name}"
+        if path.stat().st_size != self.bytes:
+            return f"{self.name}: {path.stat().st_size} bytes, expected {self.bytes}"
+        if rehash and sha256(path) != self.sha256:
+            return f"{self.name}: sha256 differs from the manifest"
+        return None
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """Written after a shard's files: the shard is complete iff its record exists and its files match it."""
+
+    shard: int
+    rows: tuple[int, int]  # [start, stop)
+    files: dict[str, FileEntry]  # by kind (FILE_KINDS)
+    token_fingerprint: str
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard, "rows": list(self.rows), "files": {k: asdict(f) for k, f in self.files.items()},
+                "token_fingerprint": self.token_fingerprint, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ShardRecord":
+        if not isinstance(data, dict) or not isinstance(data.get("files", {}), dict):
+            raise GradIndexError("shard record: expected a JSON object with files")
+        files = {k: from_dict(FileEntry, f, where="shard record") for k, f in data.get("files", {}).items()}
+        return from_dict(cls, {**data, "rows": tuple(data.get("rows", ())), "files": files}, where="shard record")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What an index is built from; a resumed or merged build must agree on every field."""
+
+    model: str
+    model_hash: str
+    tokenizer_hash: str
+    factors_hash: str
+    data: str
+    data_rows: int
+    data_fingerprint: str
+    text_field: str
+    max_length: int
+    shard_size: int
+    compression: CompressionConfig
+    layers: list[dict] = field(default_factory=list)
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.data_rows // self.shard_size)
+
+    def shard_rows(self, j: int) -> range:
+        return range(j * self.shard_size, min((j + 1) * self.shard_size, self.data_rows))
+
+    def differences(self, other: "BuildConfig") -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "compression": self.compression.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "build config") -> "BuildConfig":
+        if not isinstance(data, dict) or not isinstance(data.get("compression"), dict):
+            raise GradIndexError(f"{where}: not a build config with compression settings")
+        return from_dict(cls, {**data, "compression": CompressionConfig.from_dict(data["compression"])}, where=where)
+
+
+@dataclass(frozen=True)
+class FaissEntry:
+    key: str  # the FAISS factory string
+    nprobe: int  # IVF lists searched by default (0: not an IVF index)
+    ntotal: int
+    file: FileEntry
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A complete index: its build config, every file with its hash, sizes and the versions that wrote it."""
+
+    build: BuildConfig
+    created: str
+    versions: dict[str, str]
+    tokens_fingerprint: str  # of every stored token id, in row order
+    n_rows: int
+    vector_dim: int  # stage-1 vector length
+    code_dim: int  # stage-2 code length, at the built stage-2 rank
+    index: FaissEntry
+    factors_files: list[FileEntry]
+    bytes_per_sequence: dict[str, float]
+    shards: list[ShardRecord]
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def describe(cls, config: BuildConfig, records: list[ShardRecord], *, index: FaissEntry, vector_dim: int, code_dim: int,
+                 factors_files: list[FileEntry]) -> "Manifest":
+        """The manifest of a build that has just finished, stamped with the time and the library versions."""
+        import faiss
+        import numpy as np
+        import torch
+        import transformers
+
+        fingerprint = hashlib.blake2b(digest_size=16)
+        for r in records:
+            fingerprint.update(r.token_fingerprint.encode())
+        shard_bytes = {kind: sum(r.files[kind].bytes for r in records) for kind in FILE_KINDS}
+        n = config.data_rows
+        return cls(
+            build=config,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            versions={"gradindex": __version__, "torch": torch.__version__, "faiss": faiss.__version__,
+                      "transformers": transformers.__version__, "numpy": np.__version__, "python": platform.python_version()},
+            tokens_fingerprint=fingerprint.hexdigest(), n_rows=n, vector_dim=vector_dim, code_dim=code_dim, index=index,
+            factors_files=factors_files,
+            bytes_per_sequence={
+                "stage1_vectors": shard_bytes["vectors"] / n, "stage2_codes": shard_bytes["lowrank"] / n,
+                "metadata": shard_bytes["meta"] / n, "faiss_index": index.file.bytes / n,
+                "total": (sum(shard_bytes.values()) + index.file.bytes) / n,
+            },
+            shards=records,
+        )
+
+    @property
+    def compression(self) -> CompressionConfig:
+        return self.build.compression
+
+    def files(self) -> list[FileEntry]:
+        """Every file the manifest vouches for."""
+        return [f for s in self.shards for f in s.files.values()] + [self.index.file, *self.factors_files]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version, "created": self.created, "versions": self.versions, **self.build.to_dict(),
+            "tokens_fingerprint": self.tokens_fingerprint, "n_rows": self.n_rows, "vector_dim": self.vector_dim,
+            "code_dim": self.code_dim,
+            "index": asdict(self.index),
+            "factors": {"files": [asdict(f) for f in self.factors_files]},
+            "bytes_per_sequence": self.bytes_per_sequence,
+            "shards": [s.to_dict() for s in self.shards],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "manifest") -> "Manifest":
+        if not isinstance(data, dict):
+            raise GradIndexError(f"{where}: the manifest is not a JSON object")
+        version = data.get("schema_version")
+        if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+            raise GradIndexError(f"{where} has schema version {version}, newer than this gradindex reads ({SCHEMA_VERSION}); "
+                                 "upgrade gradindex")
+        data = dict(data)
+        if version == 1:
+            data["code_dim"] = data.pop("factor_dim", None)
+            data["bytes_per_sequence"] = {("stage2_codes" if k == "stage2_factors" else k): v
+                                          for k, v in data.get("bytes_per_sequence", {}).items()}
+        try:
+            build = BuildConfig.from_dict({f.name: data.pop(f.name) for f in fields(BuildConfig) if f.name in data}, where)
+            index = dict(data.pop("index"))
+            index["file"] = from_dict(FileEntry, index["file"], where=where)
+            data.update(
+                build=build, index=from_dict(FaissEntry, index, where=where),
+                factors_files=[from_dict(FileEntry, f, where=where) for f in data.pop("factors")["files"]],
+                shards=[ShardRecord.from_dict(s) for s in data["shards"]],
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise GradIndexError(f"{where} is incomplete or damaged ({type(e).__name__}: {e})") from None
+        return from_dict(cls, data, where=where)
+
+    def summary(self, root: Path | str) -> str:
+        """What ``gradindex info`` prints."""
+        c, b = self.compression, self.bytes_per_sequence
+        return "\n".join([
+            f"index {root}: {self.n_rows} sequences, model {self.build.model} ({len(self.build.layers)} layers), built {self.created}",
+            f"  stage 1: {c.stage1} {self.vector_dim} dims (damping {c.stage1_damping_scale} × mean eigenvalue), FAISS {self.index.key}",
+            f"  stage 2: rank-{c.stage2_rank} codes, {self.code_dim} values per sequence; storage {c.dtype}",
+            "  bytes per sequence: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in b.items()),
+            f"  model hash {self.build.model_hash}, tokenizer hash {self.build.tokenizer_hash}, "
+            f"factors sha256 {self.build.factors_hash[:16]}…",
+        ])

@@ -1,0 +1,113 @@
+"""What a user can set, as typed dataclasses validated in one place: how a query runs, how an index is built.
+
+The CLI, ``query``, ``eval`` and ``report`` all take these, so a setting means the same everywhere and a
+bad one gets the same one-line error everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .ann import DEFAULT_MAX_MEMORY
+from .compress import CompressionConfig
+from .data import DEFAULT_TOKEN_BUDGET
+from .errors import GradIndexError
+
+DEFAULT_K = 10
+DEFAULT_K1 = 1000
+DEFAULT_K2 = 100
+DEFAULT_SHARD_SIZE = 4096
+CANDIDATE_SOURCES = ("index", "tfidf", "hybrid")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from a count or a size such as ``"512M"`` or ``"4GiB"``."""
+    if _is_count(size):
+        return int(size)
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = str(size).strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise GradIndexError(f"cannot read memory size {size!r} (e.g. 512M, 4G)") from None
+
+
+def parse_part(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Part ``i/n`` of a build, from ``"i/n"`` or ``(i, n)``."""
+    if text is None or isinstance(text, tuple):
+        return text
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise GradIndexError(f"--shard takes i/n (e.g. 0/4), got {text!r}") from None
+    return i, n
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """One query's settings. ``k1``/``k2`` default to 1,000 and 100 (never fewer than ``k``, never more than
+    the index holds) and ``stage2_rank`` to the built rank: :meth:`for_index` fills them in."""
+
+    k: int = DEFAULT_K  # results
+    k1: int | None = None  # stage-1 (FAISS) candidates
+    k2: int | None = None  # distinct texts rescored exactly
+    stage2_rank: int | None = None  # rank of the stage-2 codes used, at most the built one (a prefix of each code)
+    nprobe: int | None = None  # IVF lists searched (IVF indexes only; default: recorded in the index)
+    opponents: bool = False  # most negative influence instead of most positive
+    cosine: bool = False  # scores divided by both whitened-gradient norms
+    per_token: bool = False  # token-wise influence inside each result
+    damping: float | None = None  # absolute damping of the exact rerank
+    damping_scale: float | None = None  # … or × mean eigenvalue (default: the factors' 0.1)
+    candidates: str = "index"  # where the exact rerank's texts come from: "index", "tfidf" or "hybrid"
+    distinct: bool = False  # k distinct texts, each listing its copies, instead of k rows
+
+    def __post_init__(self):
+        if not _is_count(self.k) or self.k <= 0:
+            raise GradIndexError(f"k must be a positive number of results, got {self.k}")
+        if self.candidates not in CANDIDATE_SOURCES:
+            raise GradIndexError(f"candidates must be one of {', '.join(CANDIDATE_SOURCES)}; got {self.candidates!r}")
+
+    def for_index(self, n_rows: int, built_rank: int) -> "QueryOptions":
+        """These options against an index of ``n_rows`` rows and stage-2 rank ``built_rank``, defaults filled in."""
+        if self.k > n_rows:
+            raise GradIndexError(f"k = {self.k} exceeds the {n_rows} sequences in the index")
+        rank = built_rank if self.stage2_rank is None else self.stage2_rank
+        if not _is_count(rank) or not 1 <= rank <= built_rank:
+            raise GradIndexError(f"stage-2 rank must be between 1 and the index's stage-2 rank {built_rank}, got {rank}")
+        k1 = min(n_rows, max(self.k, DEFAULT_K1 if self.k1 is None else self.k1))
+        k2 = min(k1, max(self.k, DEFAULT_K2 if self.k2 is None else self.k2))
+        return replace(self, k1=k1, k2=k2, stage2_rank=rank)
+
+    @classmethod
+    def of(cls, options: "QueryOptions | None" = None, **overrides) -> "QueryOptions":
+        """``options`` (or the defaults) with ``overrides`` applied: what every entry point accepts."""
+        return replace(options, **overrides) if options is not None else cls(**overrides)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How an index is built; everything here that decides its content is recorded in ``build.json``."""
+
+    text_field: str = "text"
+    max_length: int | None = None  # default: as the factors were fitted, else the model's context
+    modules: str = "mlp"  # layers, when the factors are fitted by the build
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    shard_size: int = DEFAULT_SHARD_SIZE  # rows per shard: the unit of resumption
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # padded tokens per batch, while fitting and building
+    max_memory: int | str = DEFAULT_MAX_MEMORY  # bytes (or "4G") the FAISS index may take: decides exhaustive or IVF
+    index_key: str | None = None  # a FAISS factory string overriding that choice
+
+    def __post_init__(self):
+        object.__setattr__(self, "max_memory", parse_size(self.max_memory))
+        if not _is_count(self.shard_size) or self.shard_size <= 0:
+            raise GradIndexError(f"shard size must be positive, got {self.shard_size}")
+
+    @classmethod
+    def of(cls, options: "BuildOptions | None" = None, **overrides) -> "BuildOptions":
+        return replace(options, **overrides) if options is not None else cls(**overrides)
