@@ -13,6 +13,7 @@ Two compressions of W(G_z) are stored, one per cascade stage:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,6 +28,12 @@ from .files import from_dict
 from .scores import sequence_gradients
 
 STAGE1_SCHEMES = ("sketch", "topl")
+# How CountSketch buckets and signs are drawn. "splitmix64-v1" is a fixed hash of (seed, layer, entry) that
+# no library upgrade can change; "torch-generator" is what indexes written before it used (torch's seeded
+# RNG), readable only under the torch release that built them. A new hash gets a new name, never an old one.
+SKETCH_HASH = "splitmix64-v1"
+LEGACY_SKETCH_HASH = "torch-generator"
+SKETCH_HASHES = (SKETCH_HASH, LEGACY_SKETCH_HASH)
 
 
 @dataclass
@@ -41,10 +48,14 @@ class CompressionConfig:
     power_iterations: int = 0  # randomised SVD; one more pass costs 20 % of build speed for no measured recall
     seed: int = 0
     dtype: str = "float16"  # storage dtype of vectors and codes
+    sketch_hash: str = SKETCH_HASH  # how the sketch's buckets and signs are derived (see SKETCH_HASHES)
 
     def __post_init__(self):
         if self.stage1 not in STAGE1_SCHEMES:
             raise GradIndexError(f"stage-1 scheme must be one of {', '.join(STAGE1_SCHEMES)}, not {self.stage1!r}")
+        if self.sketch_hash not in SKETCH_HASHES:
+            raise GradIndexError(f"stage-1 sketch hash {self.sketch_hash!r} is unknown to this gradindex (it knows "
+                                 f"{', '.join(SKETCH_HASHES)}); upgrade gradindex to read this index")
         if self.stage1_dim <= 0 or self.stage2_rank <= 0:
             raise GradIndexError("stage-1 dimension and stage-2 rank must be positive")
         if self.dtype not in ("float16", "float32"):
@@ -55,7 +66,26 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompressionConfig":
+        """Settings as saved; those written before the sketch hash was recorded used torch's generator."""
+        data = {"sketch_hash": LEGACY_SKETCH_HASH, **data} if isinstance(data, dict) else data
         return from_dict(cls, data, renamed={"rank": "stage2_rank"}, where="compression settings")
+
+
+def sketch_hash(layer: str, size: int, dim: int, seed: int = 0, chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """CountSketch buckets (int64 in [0, dim)) and signs (±1 float32) of a layer's ``size`` entries, version
+    "splitmix64-v1": entry i takes the i-th output of splitmix64 seeded with a BLAKE2b hash of (seed, layer);
+    its high 32 bits pick the bucket (multiply-shift), its lowest bit the sign."""
+    key = np.uint64(int.from_bytes(hashlib.blake2b(f"{seed}:{layer}".encode(), digest_size=8).digest(), "little"))
+    buckets, signs = np.empty(size, np.int64), np.empty(size, np.float32)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as splitmix64 intends
+        for start in range(0, size, chunk):
+            z = key + (np.arange(start, min(start + chunk, size), dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z ^= z >> np.uint64(31)
+            buckets[start : start + len(z)] = ((z >> np.uint64(32)) * np.uint64(dim)) >> np.uint64(32)
+            signs[start : start + len(z)] = (z & np.uint64(1)).astype(np.float32) * 2 - 1
+    return torch.from_numpy(buckets), torch.from_numpy(signs)
 
 
 @dataclass
@@ -88,10 +118,13 @@ class Compressor:
             dim = min(config.stage1_dim, size)
             if config.stage1 == "topl":
                 self._select[spec.name] = torch.topk(lam.flatten(), dim).indices.sort().values
+                continue
+            if config.sketch_hash == SKETCH_HASH:
+                self._select[spec.name], sign = sketch_hash(spec.name, size, dim, config.seed)
             else:
                 self._select[spec.name] = torch.randint(0, dim, (size,), generator=generator)
                 sign = torch.randint(0, 2, (size,), generator=generator).float() * 2 - 1
-                self._inv1[spec.name] = self._inv1[spec.name] * sign  # the sketch's signs ride on the whitening
+            self._inv1[spec.name] = self._inv1[spec.name] * sign  # the sketch's signs ride on the whitening
         self.layer_dims = {s.name: min(config.stage1_dim, s.d_out * s.d_in) for s in self.specs}
         self.vector_dim = sum(self.layer_dims.values())
         self.component_dim = sum(s.d_out + s.d_in for s in self.specs)  # one rank-1 term of every layer

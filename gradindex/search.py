@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import ann, store
 from .candidates import Candidates, Shortlist
-from .compress import Compressor, QueryEmbedding
+from .compress import LEGACY_SKETCH_HASH, Compressor, QueryEmbedding
 from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, as_queries, tokenize_queries
 from .errors import GradIndexError
 from .factors import Factors
@@ -112,6 +112,7 @@ class GradIndex:
             raise GradIndexError(f"index {root} was built for another model (weights hash differs from {manifest.build.model!r})")
         if lm.tokenizer_hash != manifest.build.tokenizer_hash:
             raise GradIndexError(f"index {root} was built with another tokenizer (tokenizer hash differs)")
+        _check_sketch(root, manifest)
         factors = Factors.load(root / store.FACTORS_DIR)
         if factors.config.model_hash != manifest.build.model_hash:
             raise GradIndexError(f"index {root}: its factors belong to another model than its vectors")
@@ -266,3 +267,14 @@ class _Ranked:
 
 def _sign(options: QueryOptions) -> float:
     return -1.0 if options.opponents else 1.0
+
+
+def _check_sketch(root: Path, manifest: store.Manifest) -> None:
+    """An index whose sketch came from torch's generator is only read under the torch release that drew it:
+    under another, its stage-1 candidates could be silently scrambled."""
+    c = manifest.compression
+    built, now = (str(v).split("+")[0] for v in (manifest.versions.get("torch"), torch.__version__))
+    if c.stage1 == "sketch" and c.sketch_hash == LEGACY_SKETCH_HASH and built != now:
+        raise GradIndexError(f"index {root} drew its stage-1 sketch from torch {built}'s random generator and this is torch {now}, "
+                             "so its stage-1 candidates could be wrong; rebuild it (sketches no longer depend on torch) "
+                             f"or open it under torch {built}")

@@ -124,3 +124,55 @@ def test_factor_prefixes_are_the_lower_ranks_and_converge_to_exact(setup, tokeni
     errors = [np.abs(comp.stage2_scores(lowrank[:, : r * comp.component_dim], whitened).numpy() - exact).max() for r in range(1, rank + 1)]
     assert all(a >= b - 1e-3 * np.abs(exact).max() for a, b in zip(errors, errors[1:])), errors
     assert errors[0] > 0.05 * np.abs(exact).max() and errors[-1] < 1e-4 * np.abs(exact).max()
+
+
+def splitmix64_reference(layer: str, seed: int, entries, dim: int):
+    """The sketch hash written out with Python integers: blake2b key, splitmix64 stream, multiply-shift, low bit."""
+    import hashlib
+
+    mask = (1 << 64) - 1
+    key = int.from_bytes(hashlib.blake2b(f"{seed}:{layer}".encode(), digest_size=8).digest(), "little")
+    out = []
+    for i in entries:
+        z = (key + (i + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out.append((((z >> 32) * dim) >> 32, 1 if z & 1 else -1))
+    return out
+
+
+def test_sketch_buckets_are_a_fixed_hash_independent_of_torchs_generator(monkeypatch):
+    from gradindex.compress import sketch_hash
+
+    entries = [0, 1, 2, 12345, 999_999]
+    # Fixed forever for version "splitmix64-v1": an index built today must sketch the same way after any upgrade.
+    expected = [(214, -1), (346, 1), (295, 1), (54, 1), (674, -1)]
+    assert splitmix64_reference("transformer.h.0.mlp.c_fc", 0, entries, 1024) == expected
+    torch.manual_seed(1234)
+    torch.rand(1000)  # whatever state the global generator is in …
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: pytest.fail("the sketch must not draw from torch's RNG"))
+    buckets, signs = sketch_hash("transformer.h.0.mlp.c_fc", 1_000_000, 1024, seed=0, chunk=4096)  # … and however it is chunked
+    assert [(int(buckets[i]), int(signs[i])) for i in entries] == expected
+    assert buckets.min() >= 0 and buckets.max() == 1023 and abs(float(signs.mean())) < 0.01
+    assert torch.bincount(buckets).float().std() < 1.2 * (1_000_000 / 1024) ** 0.5  # as even as random buckets
+    other_layer, other_seed = sketch_hash("transformer.h.1.mlp.c_fc", 64, 16), sketch_hash("transformer.h.0.mlp.c_fc", 64, 16, seed=1)
+    assert not torch.equal(other_layer[0], sketch_hash("transformer.h.0.mlp.c_fc", 64, 16)[0])
+    assert not torch.equal(other_seed[0], sketch_hash("transformer.h.0.mlp.c_fc", 64, 16)[0])
+
+
+def test_sketch_hash_version_is_recorded_and_an_unknown_one_refused(setup):
+    from gradindex.compress import LEGACY_SKETCH_HASH, SKETCH_HASH
+
+    config = CompressionConfig(stage1_dim=16)
+    assert config.sketch_hash == SKETCH_HASH == CompressionConfig.from_dict(config.to_dict()).sketch_hash
+    old = {k: v for k, v in config.to_dict().items() if k != "sketch_hash"}
+    assert CompressionConfig.from_dict(old).sketch_hash == LEGACY_SKETCH_HASH  # written before the hash was recorded
+    with pytest.raises(GradIndexError, match="sketch hash 'splitmix64-v9' is unknown to this gradindex"):
+        CompressionConfig.from_dict({**config.to_dict(), "sketch_hash": "splitmix64-v9"})
+    # Legacy indexes keep their torch-generator buckets, so they still read as they were built.
+    factors = setup[1]
+    legacy = Compressor(factors, CompressionConfig(stage1_dim=16, sketch_hash=LEGACY_SKETCH_HASH))
+    generator = torch.Generator().manual_seed(0)
+    first = factors.specs[0]
+    assert torch.equal(legacy._select[first.name], torch.randint(0, 16, (first.d_out * first.d_in,), generator=generator))

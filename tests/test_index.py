@@ -317,3 +317,26 @@ def test_outliers_list_the_highest_self_influence_stored_and_exact(ws, index):
     assert result.exit_code == 0 and [json.loads(x)["row"] for x in result.stdout.strip().splitlines()] == order[:3].tolist()
     bad = runner.invoke(app, ["outliers", str(ws / "idx"), "-n", "0"])
     assert bad.exit_code == 2 and "n must be between" in bad.output
+
+
+def test_an_index_sketched_with_torchs_generator_opens_only_under_that_torch(ws, tmp_path):
+    import shutil
+
+    import torch
+
+    copy = tmp_path / "legacy"
+    shutil.copytree(ws / "idx", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["compression"]["sketch_hash"] == "splitmix64-v1"
+    del manifest["compression"]["sketch_hash"]  # as indexes before the fixed hash were written
+    for torch_version, opens in ((torch.__version__, True), ("1.13.1", False)):
+        manifest["versions"]["torch"] = torch_version
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        result = runner.invoke(app, ["query", str(copy), "--prompt", "music by", "--completion", " the"])
+        assert (result.exit_code == 0) == opens, result.output
+        if not opens:
+            assert "torch 1.13.1's random generator" in result.output and "rebuild it" in result.output
+    manifest["compression"]["sketch_hash"] = "mystery-v2"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    unknown = runner.invoke(app, ["query", str(copy), "--prompt", "music by", "--completion", " the"])
+    assert unknown.exit_code == 2 and "sketch hash 'mystery-v2' is unknown" in unknown.output
