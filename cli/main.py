@@ -219,7 +219,7 @@ def query(
     """The training sequences with the largest influence on a completion."""
     options = QueryOptions(k=k, k1=k1, k2=k2, stage2_rank=stage2_rank, nprobe=nprobe, opponents=opponents, cosine=cosine, per_token=per_token,
                            damping=damping, damping_scale=damping_scale, candidates=candidates, distinct=distinct)
-    for r in pipeline.query(index_dir, as_queries(queries, prompt=prompt, completion=completion), options, model=model, dtype=dtype, device=device):
+    for r in pipeline.query(index_dir, as_queries(queries, prompt=prompt, completion=completion), options=options, model=model, dtype=dtype, device=device):
         typer.echo(json.dumps({key: v for key, v in asdict(r).items() if key != "trace"}) if as_json else r.summary())
 
 
@@ -256,7 +256,7 @@ def eval_(
 ):
     """Recall of each stage against brute-force exact scores, and query latency."""
     options = QueryOptions(k=k, k1=k1, k2=k2, stage2_rank=stage2_rank, nprobe=nprobe)
-    report = pipeline.evaluate(index_dir, as_queries(queries), options, model=model, dtype=dtype, device=device)
+    report = pipeline.evaluate(index_dir, as_queries(queries), options=options, model=model, dtype=dtype, device=device)
     typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
 
 
@@ -277,7 +277,7 @@ def report(
 ):
     """One HTML page of a query's influence: top proponents and opponents with token heat maps and
     per-layer bars, and how concentrated the influence is over the training set."""
-    path = pipeline.report(index_dir, prompt, completion, out, QueryOptions(k=k, k1=k1, k2=k2), exact_sparsity=exact_sparsity,
+    path = pipeline.report(index_dir, prompt, completion, out, options=QueryOptions(k=k, k1=k1, k2=k2), exact_sparsity=exact_sparsity,
                            sparsity_sample=sparsity_sample, model=model, dtype=dtype, device=device)
     typer.echo(str(path))
 

@@ -75,8 +75,9 @@ class EvalReport:
 def evaluate(
     index: GradIndex,
     queries: Sequence[Query] | str | Path,
-    options: QueryOptions | None = None,
+    k: int | None = None,
     *,
+    options: QueryOptions | None = None,
     opponents: bool = True,
     exact: np.ndarray | None = None,
     progress: bool = True,
@@ -87,7 +88,7 @@ def evaluate(
     queries = as_queries(queries)
     if not queries:
         raise GradIndexError("no queries to evaluate")
-    options = QueryOptions.of(options, **overrides).for_index(index.n, index.compressor.config.stage2_rank)
+    options = QueryOptions.of(options, k, **overrides).for_index(index.n, index.compressor.config.stage2_rank)
     k = options.k
     brute_seconds = float("nan")
     if exact is None:
@@ -101,7 +102,7 @@ def evaluate(
         side = replace(options, opponents=sign < 0)
         rows = []
         for q, query in enumerate(tqdm(queries, desc=f"eval {name}", disable=not progress, unit="query")):
-            result = index.query_many([query], side, trace=True)[0]
+            result = index.query_many([query], options=side, trace=True)[0]
             latencies.append(result.seconds["total"])
             for stage, s in result.seconds.items():
                 stages.setdefault(stage, []).append(s)

@@ -6,6 +6,7 @@ bad one gets the same one-line error everywhere.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -85,8 +86,13 @@ class QueryOptions:
         return replace(self, k1=k1, k2=k2, stage2_rank=rank)
 
     @classmethod
-    def of(cls, options: "QueryOptions | None" = None, **overrides) -> "QueryOptions":
-        """``options`` (or the defaults) with ``overrides`` applied: what every entry point accepts."""
+    def of(cls, options: "QueryOptions | None" = None, k: int | None = None, **overrides) -> "QueryOptions":
+        """``options`` (or the defaults) with ``k`` and ``overrides`` applied: what every entry point accepts."""
+        if "rank" in overrides:  # gradindex 0.1's name for the query-time stage-2 rank
+            warnings.warn("rank= is now stage2_rank=", DeprecationWarning, stacklevel=3)
+            overrides["stage2_rank"] = overrides.pop("rank")
+        if k is not None:
+            overrides["k"] = k
         return replace(options, **overrides) if options is not None else cls(**overrides)
 
 

@@ -89,10 +89,10 @@ def open_index(index: GradIndex | str | Path, *, model=None, tokenizer=None, dty
     return GradIndex.open(index, model=model, tokenizer=tokenizer, dtype=dtype, device=device)
 
 
-def query(index: GradIndex | str | Path, queries, options: QueryOptions | None = None, *, model=None, dtype: str | None = None,
-          device: str = "cpu", **overrides) -> list[QueryResult]:
+def query(index: GradIndex | str | Path, queries, k: int | None = None, *, options: QueryOptions | None = None, model=None,
+          dtype: str | None = None, device: str = "cpu", **overrides) -> list[QueryResult]:
     """The cascade for each query (a list of :class:`Query` or a jsonl file of them)."""
-    return open_index(index, model=model, dtype=dtype, device=device).query_many(queries, options, **overrides)
+    return open_index(index, model=model, dtype=dtype, device=device).query_many(queries, k, options=options, **overrides)
 
 
 def outliers(index: GradIndex | str | Path, n: int = 20, *, exact: bool = False, damping: float | None = None,
@@ -102,16 +102,17 @@ def outliers(index: GradIndex | str | Path, n: int = 20, *, exact: bool = False,
     return _outliers(opened, n, exact=exact, damping=damping, damping_scale=damping_scale)
 
 
-def evaluate(index: GradIndex | str | Path, queries, options: QueryOptions | None = None, *, model=None, dtype: str | None = None,
-             device: str = "cpu", progress: bool = True, **overrides) -> EvalReport:
+def evaluate(index: GradIndex | str | Path, queries, k: int | None = None, *, options: QueryOptions | None = None, model=None,
+             dtype: str | None = None, device: str = "cpu", progress: bool = True, **overrides) -> EvalReport:
     """Recall of each cascade stage against brute-force exact scores, and latency."""
-    return _evaluate(open_index(index, model=model, dtype=dtype, device=device), queries, options, progress=progress, **overrides)
+    opened = open_index(index, model=model, dtype=dtype, device=device)
+    return _evaluate(opened, queries, k, options=options, progress=progress, **overrides)
 
 
-def report(index: GradIndex | str | Path, prompt: str, completion: str, out: str | Path, options: QueryOptions | None = None, *,
+def report(index: GradIndex | str | Path, prompt: str, completion: str, out: str | Path, *, options: QueryOptions | None = None,
            exact_sparsity: bool = False, sparsity_sample: int | None = None, model=None, dtype: str | None = None,
            device: str = "cpu", **overrides) -> Path:
     """One self-contained HTML page of a query's influence."""
     opened = open_index(index, model=model, dtype=dtype, device=device)
     extra = {} if sparsity_sample is None else {"sparsity_sample": sparsity_sample}
-    return write_report(opened, prompt, completion, Path(out), options, exact_sparsity=exact_sparsity, **extra, **overrides)
+    return write_report(opened, prompt, completion, Path(out), options=options, exact_sparsity=exact_sparsity, **extra, **overrides)

@@ -69,7 +69,7 @@ def render(proponents: QueryResult, opponents: QueryResult | None, sparsity: Spa
             f'<meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body><main>{"".join(body)}</main></body></html>\n')
 
 
-def write_report(index: GradIndex, prompt: str, completion: str, out: Path, options: QueryOptions | None = None, *,
+def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, options: QueryOptions | None = None,
                  exact_sparsity: bool = False, sparsity_sample: int = analysis.DEFAULT_SAMPLE, **overrides) -> Path:
     """Query the index for proponents and opponents (``options`` and/or its fields as keywords; the page
     always shows distinct texts with token scores), measure the sparsity of the influence, write the page."""
@@ -77,7 +77,7 @@ def write_report(index: GradIndex, prompt: str, completion: str, out: Path, opti
     if out.is_dir():
         raise GradIndexError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
     options = replace(QueryOptions.of(options, **overrides), per_token=True, distinct=True)
-    proponents, opponents = (index.query(prompt, completion, replace(options, opponents=side), trace=True) for side in (False, True))
+    proponents, opponents = (index.query(prompt, completion, options=replace(options, opponents=side), trace=True) for side in (False, True))
     sparsity = curve = None
     damping = {"damping": options.damping, "damping_scale": options.damping_scale}
     if index.n < MIN_SPARSITY_ROWS:

@@ -154,15 +154,16 @@ class GradIndex:
 
     # -- querying ---------------------------------------------------------------------------------
 
-    def query(self, prompt: str, completion: str, options: QueryOptions | None = None, *, trace: bool = False, **overrides) -> QueryResult:
+    def query(self, prompt: str, completion: str, k: int | None = None, *, options: QueryOptions | None = None, trace: bool = False,
+              **overrides) -> QueryResult:
         """Top-k training sequences by EK-FAC influence on log p(completion | prompt); see :meth:`query_many`."""
-        return self.query_many([Query(prompt, completion)], options, trace=trace, **overrides)[0]
+        return self.query_many([Query(prompt, completion)], k, options=options, trace=trace, **overrides)[0]
 
-    def query_many(self, queries: Sequence[Query] | str | Path, options: QueryOptions | None = None, *, trace: bool = False,
-                   **overrides) -> list[QueryResult]:
+    def query_many(self, queries: Sequence[Query] | str | Path, k: int | None = None, *, options: QueryOptions | None = None,
+                   trace: bool = False, **overrides) -> list[QueryResult]:
         """Run the cascade for each query, with ``options`` (see :class:`QueryOptions`) and/or its fields as
         keywords. ``trace``: keep every stage's rows and scores on the results."""
-        options = QueryOptions.of(options, **overrides).for_index(self.n, self.compressor.config.stage2_rank)
+        options = QueryOptions.of(options, k, **overrides).for_index(self.n, self.compressor.config.stage2_rank)
         queries = as_queries(queries)
         started = time.perf_counter()
         embedding = self.compressor.embed(self.lm.model, tokenize_queries(self.lm.tokenizer, queries, self.max_query_length),

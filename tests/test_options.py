@@ -49,3 +49,9 @@ def test_build_options_parse_sizes_and_refuse_bad_shards():
         BuildOptions(shard_size=0)
     with pytest.raises(GradIndexError, match="--shard takes i/n"):
         parse_part("half")
+
+
+def test_k_goes_positionally_and_the_old_rank_name_still_works_with_a_warning():
+    assert QueryOptions.of(None, 5) == QueryOptions(k=5) and QueryOptions.of(QueryOptions(k=3), None).k == 3
+    with pytest.warns(DeprecationWarning, match="stage2_rank"):
+        assert QueryOptions.of(rank=2) == QueryOptions(stage2_rank=2)
