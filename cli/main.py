@@ -227,10 +227,10 @@ def query(
 def outliers(
     index_dir: Path = IndexArg,
     n: int = typer.Option(_OUTLIERS["n"], "-n", help="How many sequences to list."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per sequence."),
     exact: bool = typer.Option(False, "--exact", help="Recompute their self-influence exactly (with the damping below) instead of the stored values."),
     damping: Optional[float] = DampingOpt,
     damping_scale: Optional[float] = DampingScaleOpt,
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per sequence."),
     model: Optional[str] = IndexModelOpt,
     dtype: Optional[str] = DtypeOpt,
     device: str = DeviceOpt,
