@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import builder, store
+from .analysis import DEFAULT_SAMPLE
 from .analysis import outliers as _outliers
 from .data import DEFAULT_TOKEN_BUDGET, Query, as_queries, load_texts, tokenize_queries, tokenize_texts
 from .evaluation import EvalReport
@@ -110,9 +111,9 @@ def evaluate(index: GradIndex | str | Path, queries, k: int | None = None, *, op
 
 
 def report(index: GradIndex | str | Path, prompt: str, completion: str, out: str | Path, *, options: QueryOptions | None = None,
-           exact_sparsity: bool = False, sparsity_sample: int | None = None, model=None, dtype: str | None = None,
+           exact_sparsity: bool = False, sparsity_sample: int = DEFAULT_SAMPLE, model=None, dtype: str | None = None,
            device: str = "cpu", **overrides) -> Path:
     """One self-contained HTML page of a query's influence."""
     opened = open_index(index, model=model, dtype=dtype, device=device)
-    extra = {} if sparsity_sample is None else {"sparsity_sample": sparsity_sample}
-    return write_report(opened, prompt, completion, Path(out), options=options, exact_sparsity=exact_sparsity, **extra, **overrides)
+    return write_report(opened, prompt, completion, Path(out), options=options, exact_sparsity=exact_sparsity,
+                        sparsity_sample=sparsity_sample, **overrides)

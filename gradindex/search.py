@@ -123,6 +123,10 @@ class GradIndex:
         """The stored token ids of the given rows, scored as training text (every token but the first)."""
         return TokenizedSet.training_text(self.reader.token_ids(rows), self.lm.pad_id)
 
+    def stage1_scores(self, rows: Sequence[int], vectors: np.ndarray) -> np.ndarray:
+        """Stage-1 inner products of stored rows with stage-1 query vectors: (dim,) → (rows,), (dim, Q) → (rows, Q)."""
+        return self.reader.vectors(rows).astype(np.float32) @ vectors.astype(np.float32)
+
     def rescore(self, p, data: TokenizedSet, **breakdowns) -> ScoreResult:
         """Exact influence of the sequences of ``data`` given preconditioned query gradients P_q."""
         return score_preconditioned(self.lm.model, self.factors.specs, p, data, token_budget=self.token_budget, progress=False, **breakdowns)
@@ -149,7 +153,7 @@ class GradIndex:
             if exact:
                 out[:, start : start + len(chunk)] = self.rescore(p, self.training_set(chunk)).scores
             else:
-                out[:, start : start + len(chunk)] = (self.reader.vectors(chunk).astype(np.float32) @ vectors.T).T
+                out[:, start : start + len(chunk)] = self.stage1_scores(chunk, vectors.T).T
         return out
 
     # -- querying ---------------------------------------------------------------------------------
@@ -216,7 +220,7 @@ class GradIndex:
         unseen = np.array([r for r in shortlist.rows.tolist() if r not in stage2_of], dtype=np.int64)
         if len(unseen):
             stage2_of.update(zip(unseen.tolist(), self._stage2(embedding, q, unseen, options).tolist()))
-            stage1_of.update(zip(unseen.tolist(), (self.reader.vectors(unseen).astype(np.float32) @ embedding.vectors[q]).tolist()))
+            stage1_of.update(zip(unseen.tolist(), self.stage1_scores(unseen, embedding.vectors[q]).tolist()))
         return stage1_of, stage2_of
 
     def _stage3(self, embedding: QueryEmbedding, q: int, shortlist: Shortlist, options: QueryOptions) -> "_Ranked":
