@@ -20,10 +20,10 @@ import typer
 
 from gradindex import pipeline
 from gradindex.analysis import DEFAULT_SAMPLE
-from gradindex.compress import CompressionConfig
+from gradindex.codeplan import CompressionConfig
 from gradindex.data import as_queries
 from gradindex.errors import GradIndexError
-from gradindex.options import DEFAULT_K1, DEFAULT_K2, BuildOptions, QueryOptions, parse_part
+from gradindex.options import DEFAULT_K1, DEFAULT_K2, BuildOptions, QueryOptions, parse_part, parse_size
 from gradindex.search import one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Which training sequences made the model say this?")
@@ -44,7 +44,6 @@ QueriesOpt = typer.Option(None, "--queries", help="jsonl of {\"prompt\", \"compl
 KOpt = typer.Option(_Q.k, "-k", "--k", help="Results per query.")
 K1Opt = typer.Option(None, "--k1", help=f"Stage-1 (FAISS) candidates (default {DEFAULT_K1}).")
 K2Opt = typer.Option(None, "--k2", help=f"Distinct texts rescored exactly after stage 2 (default {DEFAULT_K2}).")
-Stage2RankOpt = typer.Option(None, "--stage2-rank", "--rank", help="Stage-2 rank at query time, at most the built one (lower: faster, coarser).")
 NprobeOpt = typer.Option(None, "--nprobe", help="IVF lists searched (IVF indexes only; default: recorded in the index).")
 DampingOpt = typer.Option(None, "--damping", help="Absolute damping λ of the exact scores (overrides --damping-scale).")
 DampingScaleOpt = typer.Option(None, "--damping-scale", help="Damping of the exact scores, × mean eigenvalue (default 0.1).")
@@ -139,11 +138,10 @@ def build(
     text_field: str = TextFieldOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted, else the model's context)."),
     modules: str = typer.Option(_B.modules, "--modules", help="Layers, when fitting factors here: 'mlp', 'all' or a regex."),
-    stage1: str = typer.Option(_C.stage1, "--stage1", help="Stage-1 vectors: 'sketch' (CountSketch) or 'topl' (entries of largest eigenvalue)."),
-    stage1_dim: int = typer.Option(_C.stage1_dim, "--stage1-dim", help="Stage-1 entries per layer."),
-    stage1_damping_scale: float = typer.Option(_C.stage1_damping_scale, "--stage1-damping-scale", help="Stage-1 whitening damping, × mean eigenvalue (heavier than exact scoring's)."),
-    stage2_rank: int = typer.Option(_C.stage2_rank, "--stage2-rank", "--rank", help="Rank of each layer's stage-2 code."),
-    seed: int = typer.Option(_C.seed, "--seed", help="Seed of the sketch and the randomized SVD."),
+    budget: str = typer.Option(f"{_C.budget // 1024}K", "--budget", help="Bytes stored per sequence, e.g. 16K or 64K, whatever the model's size (codes + their stage-1 FAISS codes)."),
+    stage1_dim: Optional[int] = typer.Option(None, "--stage1-dim", help="Leading code entries the stage-1 FAISS index searches (default: the whole code; fewer: a smaller, faster, coarser scan)."),
+    block_cost: float = typer.Option(_C.block_cost, "--block-cost", help="Projection work per layer while coding, × the layer's own forward (more: a code drawn from more eigen-entries)."),
+    seed: int = typer.Option(_C.seed, "--seed", help="Seed of the rows the FAISS index is trained on."),
     shard_size: int = typer.Option(_B.shard_size, "--shard-size", help="Rows per shard: the unit of resumption."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Build only part i of n (i/n); join the parts with `gradindex merge`."),
     max_memory: Optional[str] = MaxMemoryOpt,
@@ -153,7 +151,7 @@ def build(
     device: str = DeviceOpt,
 ):
     """Build an influence index of the training data (fits EK-FAC factors first unless --factors)."""
-    compression = CompressionConfig(stage1=stage1, stage1_dim=stage1_dim, stage1_damping_scale=stage1_damping_scale, stage2_rank=stage2_rank, seed=seed)
+    compression = CompressionConfig(budget=parse_size(budget), stage1_dim=stage1_dim, block_cost=block_cost, seed=seed)
     options = BuildOptions(text_field=text_field, max_length=max_length, modules=modules, compression=compression, shard_size=shard_size,
                            token_budget=token_budget, max_memory=max_memory or _B.max_memory, index_key=index_key)
     part = parse_part(shard)
@@ -202,7 +200,6 @@ def query(
     k: int = KOpt,
     k1: Optional[int] = K1Opt,
     k2: Optional[int] = K2Opt,
-    stage2_rank: Optional[int] = Stage2RankOpt,
     nprobe: Optional[int] = NprobeOpt,
     opponents: bool = typer.Option(False, "--opponents", help="Most negative influence instead of most positive."),
     cosine: bool = typer.Option(False, "--cosine", help="Unit-normalised scores (divide by both gradients' whitened norms)."),
@@ -217,7 +214,7 @@ def query(
     device: str = DeviceOpt,
 ):
     """The training sequences with the largest influence on a completion."""
-    options = QueryOptions(k=k, k1=k1, k2=k2, stage2_rank=stage2_rank, nprobe=nprobe, opponents=opponents, cosine=cosine, per_token=per_token,
+    options = QueryOptions(k=k, k1=k1, k2=k2, nprobe=nprobe, opponents=opponents, cosine=cosine, per_token=per_token,
                            damping=damping, damping_scale=damping_scale, candidates=candidates, distinct=distinct)
     for r in pipeline.query(index_dir, as_queries(queries, prompt=prompt, completion=completion), options=options, model=model, dtype=dtype, device=device):
         typer.echo(json.dumps({key: v for key, v in asdict(r).items() if key != "trace"}) if as_json else r.summary())
@@ -247,7 +244,6 @@ def eval_(
     k: int = typer.Option(_Q.k, "-k", "--k", help="Size of the top-k compared."),
     k1: Optional[int] = K1Opt,
     k2: Optional[int] = K2Opt,
-    stage2_rank: Optional[int] = Stage2RankOpt,
     nprobe: Optional[int] = NprobeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     model: Optional[str] = IndexModelOpt,
@@ -255,7 +251,7 @@ def eval_(
     device: str = DeviceOpt,
 ):
     """Recall of each stage against brute-force exact scores, and query latency."""
-    options = QueryOptions(k=k, k1=k1, k2=k2, stage2_rank=stage2_rank, nprobe=nprobe)
+    options = QueryOptions(k=k, k1=k1, k2=k2, nprobe=nprobe)
     report = pipeline.evaluate(index_dir, as_queries(queries), options=options, model=model, dtype=dtype, device=device)
     typer.echo(json.dumps(report.to_dict()) if as_json else report.summary())
 

@@ -89,18 +89,27 @@ def estimated_influence(index: "GradIndex", results: list["QueryResult"], sample
 
 def outliers(index: "GradIndex", n: int = 20, *, exact: bool = False, damping: float | None = None,
              damping_scale: float | None = None) -> list[tuple[int, float, str]]:
-    """The ``n`` sequences of highest self-influence I(z, z) = |W(G_z)|², from the values stored at build
-    time (stage-2 damping); ``exact`` recomputes them with the given damping, as ``scores`` would."""
+    """The ``n`` sequences of highest self-influence I(z, z) = |W(G_z)|². Stored: the codes' squared norms
+    (the part of I(z, z) on the entries each code keeps, never more). ``exact`` rescores the best
+    ``max(4n, n + 50)`` of those with the given damping, as ``scores`` would, and ranks them again."""
     if not isinstance(n, (int, np.integer)) or not 1 <= n <= index.n:
         raise GradIndexError(f"n must be between 1 and the {index.n} sequences in the index, got {n}")
     stored = index.reader.self_influence()
-    rows = np.argsort(-stored, kind="stable")[:n]
+    rows = np.argsort(-stored, kind="stable")[: max(4 * n, n + 50) if exact else n]
     values = stored[rows]
     if exact:
-        data = index.training_set(rows)
-        p = query_gradients(index.lm.model, index.factors, data, token_budget=index.token_budget, damping=damping, damping_scale=damping_scale)
-        values = np.diag(index.rescore(p, data).scores).astype(np.float64)
-        order = np.argsort(-values, kind="stable")
+        values = np.concatenate([_self_influence(index, rows[i : i + SELF_CHUNK], damping, damping_scale)
+                                 for i in range(0, len(rows), SELF_CHUNK)])
+        order = np.argsort(-values, kind="stable")[:n]
         rows, values = rows[order], values[order]
     texts = index.reader.rows(rows, ("text",))["text"]
     return [(int(r), float(v), t) for r, v, t in zip(rows, values, texts)]
+
+
+SELF_CHUNK = 8  # rows whose preconditioned gradients are held at once (each is as large as the tracked layers)
+
+
+def _self_influence(index: "GradIndex", rows: np.ndarray, damping: float | None, damping_scale: float | None) -> np.ndarray:
+    data = index.training_set(rows)
+    p = query_gradients(index.lm.model, index.factors, data, token_budget=index.token_budget, damping=damping, damping_scale=damping_scale)
+    return np.diag(index.rescore(p, data).scores).astype(np.float64)

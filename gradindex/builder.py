@@ -104,8 +104,8 @@ def _build_shard(lm: LanguageModel, compressor: Compressor, dataset, config: Bui
     rows = config.shard_rows(j)
     texts = dataset[rows.start : rows.stop][config.text_field]
     tokens = tokenize_texts(lm.tokenizer, texts, config.max_length)
-    vectors, codes, self_influence = compressor.encode(lm.model, tokens, token_budget)
-    store.write_shard(out, j, rows, texts=texts, tokens=tokens, vectors=vectors, codes=codes, self_influence=self_influence,
+    codes, self_influence = compressor.encode(lm.model, tokens, token_budget)
+    store.write_shard(out, j, rows, texts=texts, tokens=tokens, codes=codes, self_influence=self_influence,
                       source=config.data, started=started)
 
 
@@ -123,7 +123,7 @@ def finalize(out: str | Path, *, max_memory: int = ann.DEFAULT_MAX_MEMORY, index
             "build the remaining parts or merge them in first"
         )
     reader = store.ShardReader.of(out, config)
-    dim = int(reader.vectors([0]).shape[1])
+    dim = reader.stage1_dim
     key = index_key or ann.choose_key(config.data_rows, dim, max_memory)
     bar = tqdm(total=config.data_rows, desc=f"indexing ({key})", unit="seq", disable=not progress)
     faiss_index = ann.build_index(key, dim, config.data_rows, reader.vector_blocks, lambda rows: reader.vectors(rows).astype("float32"),

@@ -1,12 +1,13 @@
 """Which texts the exact rerank rescores: the index's own best by stage-2 score, the most TF-IDF-similar
 to the query (the paper's lexical filter), or half of each; copies of one text count once and share one
-rescore."""
+rescore. Also how sure an answer is: the unrescored candidates' chance of belonging in it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .data import Query
 from .errors import GradIndexError
@@ -88,3 +89,28 @@ class Candidates:
             take(self.lexical().ranking(f"{query.prompt}{query.completion}"), k2, 1024)
         out.rows = np.asarray(rows, dtype=np.int64)
         return out
+
+
+UNCERTAIN_MISSES = 0.5  # expected misses from which a result carries a warning
+
+
+def expected_missed(stage2_rows: np.ndarray, stage2_scores: np.ndarray, rescored_rows: np.ndarray, rescored_stage2: np.ndarray,
+                    rescored_exact: np.ndarray, k: int, sign: float) -> float:
+    """Expected number of stage-2 candidates left unrescored whose exact score beats the k-th result.
+
+    The rescored candidates show how far exact scores fall from stage-2 estimates (mean μ, spread σ of
+    exact − estimate); an unrescored candidate with estimate s then beats the cut c with probability
+    Φ((s + μ − c)/σ), signs flipped for opponents. ``gradindex eval`` compares the sum with the misses
+    brute force finds.
+    """
+    if k == 0 or len(rescored_rows) < 2:
+        return 0.0
+    exact, estimate = sign * rescored_exact, sign * rescored_stage2
+    cut = np.sort(exact)[::-1][min(k, len(exact)) - 1]
+    residual = exact - estimate
+    spread = max(float(residual.std()), 1e-12 * max(1.0, float(np.abs(exact).max())))
+    rest = sign * stage2_scores[~np.isin(stage2_rows, rescored_rows)]
+    if len(rest) == 0:
+        return 0.0
+    z = torch.from_numpy((rest + residual.mean() - cut) / spread)
+    return float(torch.special.ndtr(z).sum())

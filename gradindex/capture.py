@@ -1,15 +1,15 @@
 """Per-token inputs and output gradients of the tracked layers, captured with hooks.
 
-Modules are never replaced: a forward hook keeps each tracked layer's input and output, and one
-``torch.autograd.grad`` call asks for the loss gradient with respect to those outputs only, so no
-parameter gradient is ever computed.
+Modules are never replaced: a forward hook keeps each tracked layer's input, a tensor hook on its output
+receives the loss gradient during the one backward pass (run down to the embeddings with every parameter
+frozen, so no parameter gradient is ever computed), and a callback consumes the layer's pair there and
+then: no more than one layer's output gradients exist at a time.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +17,6 @@ from torch import nn
 
 from .data import Batch
 from .layers import LayerSpec
-
-
-@dataclass
-class LayerCapture:
-    """One layer's token matrices for a batch: ``a`` (B, T, d_in) with the bias column, ``delta`` (B, T, d_out).
-
-    ``a`` is zero on padding, so sums over tokens need no mask; the per-sequence gradient is
-    ``delta[b].T @ a[b]``.
-    """
-
-    a: torch.Tensor
-    delta: torch.Tensor
 
 
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -70,61 +58,85 @@ def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 @contextmanager
-def _graph_without_parameter_grads(model: nn.Module) -> Iterator[None]:
-    """Build an autograd graph from the embeddings on, with every parameter frozen for the duration."""
+def _graph_without_parameter_grads(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Build an autograd graph from the embeddings on, with every parameter frozen for the duration;
+    yields the list the embedding outputs are collected into (what the backward pass runs down to)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    embeddings = model.get_input_embeddings()
-    handle = embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    embedded: list[torch.Tensor] = []
+
+    def track(_m, _i, out):
+        embedded.append(out.requires_grad_(True))
+
+    handle = model.get_input_embeddings().register_forward_hook(track)
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        yield
+        yield embedded
     finally:
         handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
 
 
-def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, sample_seed: int | None = None) -> dict[str, LayerCapture]:
-    """Run ``batch`` through ``model`` and return each tracked layer's (a, delta).
+# Called with (layer name, a, delta) for each tracked layer as its output gradient arrives in the backward
+# pass: a (B, T, d_in') is the layer input after ``transform`` (bias column included, zero on padding),
+# delta (B, T, d_out) the loss gradient of its output. Only one layer's delta exists at a time.
+LayerFn = Callable[[str, torch.Tensor, torch.Tensor], None]
+InputTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
+
+def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, on_layer: LayerFn, *,
+            transform: InputTransform | None = None, sample_seed: int | None = None) -> None:
+    """Run ``batch`` through ``model`` and hand each tracked layer's (a, delta) to ``on_layer``.
+
+    Memory is the model's own activations plus each layer's (transformed) inputs until its gradient
+    arrives: ``transform`` (e.g. a projection onto a few eigenvectors, LoGra-style) shrinks them at the
+    forward pass, and every delta is consumed and dropped inside the backward pass.
     ``sample_seed`` set: the loss uses labels sampled from the model (true Fisher), one generator per
     sequence seeded with ``sample_seed + row``; unset: the batch's own labels.
     """
     modules = dict(model.named_modules())
     mask = batch.attention_mask
     inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
+    pending: dict[str, LayerSpec] = {s.name: s for s in layers}
+    handles = []
 
-    def hook(spec: LayerSpec):
+    def deliver(spec: LayerSpec, grad: torch.Tensor) -> None:
+        a = inputs.pop(spec.name)
+        on_layer(spec.name, a, grad.reshape(*mask.shape, -1).to(a.dtype))
+        pending.pop(spec.name, None)
+
+    def forward_hook(spec: LayerSpec):
         def keep(_module, args, out):
             x = args[0].detach()
             if x.dim() == 2:  # some MLPs flatten (B*T, d) before their linear layers
                 x = x.view(*mask.shape, -1)
             m = mask.unsqueeze(-1).to(x.dtype)
             x = x * m
-            inputs[spec.name] = torch.cat([x, m], dim=-1) if spec.has_bias else x
-            outputs[spec.name] = out
+            a = torch.cat([x, m], dim=-1) if spec.has_bias else x
+            a = a.to(dtype)
+            inputs[spec.name] = transform(spec.name, a) if transform is not None else a
+            if out.requires_grad:
+                out.register_hook(lambda grad: deliver(spec, grad))
 
         return keep
 
-    handles = [modules[s.name].register_forward_hook(hook(s)) for s in layers]
+    device, dtype = device_and_dtype(model)
     try:
-        with torch.enable_grad(), _graph_without_parameter_grads(model):
+        handles = [modules[s.name].register_forward_hook(forward_hook(s)) for s in layers]
+        with torch.enable_grad(), _graph_without_parameter_grads(model) as embedded:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             logits = logits.to(_compute_dtype(logits))
             labels = batch.labels
             if sample_seed is not None:
                 labels = sample_labels(logits, labels, [sample_seed + r for r in batch.rows])
             loss = summed_nll(logits, labels)
-            names = [s.name for s in layers]
-            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+            if loss.requires_grad:
+                torch.autograd.grad(loss, embedded, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    result = {}
-    for name, g in zip(names, grads):
-        a = inputs[name]
-        delta = torch.zeros(*a.shape[:-1], outputs[name].shape[-1], dtype=a.dtype, device=a.device) if g is None else g
-        result[name] = LayerCapture(a=a, delta=delta.view(*mask.shape, -1).to(a.dtype))
-    return result
+    for name, spec in list(pending.items()):  # outputs the loss does not depend on: zero gradient
+        if name in inputs:
+            a = inputs.pop(name)
+            on_layer(name, a, torch.zeros(*mask.shape, spec.d_out, dtype=a.dtype, device=a.device))

@@ -34,6 +34,12 @@ class Side:
     stage1_recall_at_depth: dict[int, float]  # exact top-k inside the stage-1 top-d
     stage2_recall_at_depth: dict[int, float]  # … inside the top-d of the k1 candidates by stage-2 score
     per_query_recall: list[float] = field(default_factory=list)
+    worst_recall: float = float("nan")  # the worst query's recall@k
+    p5_recall: float = float("nan")  # its 5th percentile over queries
+    missed: float = float("nan")  # mean number of the exact top-k missing from the answer …
+    expected_missed: float = float("nan")  # … and what the cascade predicted (``QueryResult.expected_missed``)
+    flagged_recall: float = float("nan")  # mean recall@k of the queries the cascade flagged as unsure
+    unflagged_recall: float = float("nan")  # … and of the others
 
 
 @dataclass
@@ -57,12 +63,13 @@ class EvalReport:
     def summary(self) -> str:
         """What ``gradindex eval`` prints: recall of every stage per side, latency, and the speed-up."""
         lines = [f"{self.n_queries} queries, {self.n_rows} sequences, k={self.k}, k1={self.k1}, k2={self.k2}",
-                 f"{'':12s}{'recall@k':>10s}{'in stage 1':>12s}{'in stage 2':>12s}{'in TF-IDF':>11s}{'in hybrid':>11s}"
-                 f"{'ρ stage 1':>11s}{'ρ stage 2':>11s}"]
+                 f"{'':12s}{'recall@k':>10s}{'worst':>7s}{'p5':>7s}{'in stage 1':>12s}{'in stage 2':>12s}{'in TF-IDF':>11s}"
+                 f"{'in hybrid':>11s}{'ρ stage 1':>11s}{'ρ stage 2':>11s}{'missed':>8s}{'predicted':>11s}"]
         for name, side in (("proponents", self.proponents), ("opponents", self.opponents)):
             if side is not None:
-                lines.append(f"{name:12s}{side.recall_at_k:10.3f}{side.stage1_recall:12.3f}{side.stage2_recall:12.3f}"
-                             f"{side.tfidf_recall:11.3f}{side.hybrid_recall:11.3f}{side.stage1_spearman:11.3f}{side.stage2_spearman:11.3f}")
+                lines.append(f"{name:12s}{side.recall_at_k:10.3f}{side.worst_recall:7.2f}{side.p5_recall:7.2f}{side.stage1_recall:12.3f}"
+                             f"{side.stage2_recall:12.3f}{side.tfidf_recall:11.3f}{side.hybrid_recall:11.3f}{side.stage1_spearman:11.3f}"
+                             f"{side.stage2_spearman:11.3f}{side.missed:8.2f}{side.expected_missed:11.2f}")
         stages = ", ".join(f"{s} {v * 1000:.1f}" for s, v in self.stage_seconds.items())
         return "\n".join(lines + [
             f"(stage 2, TF-IDF and hybrid: the exact top-{self.k} among {self.k2} texts each)",
@@ -88,7 +95,7 @@ def evaluate(
     queries = as_queries(queries)
     if not queries:
         raise GradIndexError("no queries to evaluate")
-    options = QueryOptions.of(options, k, **overrides).for_index(index.n, index.compressor.config.stage2_rank)
+    options = QueryOptions.of(options, k, **overrides).for_index(index.n)
     k = options.k
     brute_seconds = float("nan")
     if exact is None:
@@ -108,6 +115,8 @@ def evaluate(
                 stages.setdefault(stage, []).append(s)
             truth = true_top(sign * exact[q], k)
             measured = _measure(result.trace, sign * exact[q], truth, k, sign)
+            measured["expected_missed"] = result.expected_missed
+            measured["flagged"] = result.uncertain
             by_stage2 = result.trace.stage1_rows[np.argsort(-sign * result.trace.stage2_scores, kind="stable")]
             for source in ("tfidf", "hybrid"):
                 measured[f"{source}_recall"] = _recall(truth, index.candidates.shortlist(by_stage2, query, options.k2, source).rows, k)
@@ -146,6 +155,7 @@ def _measure(trace, exact: np.ndarray, truth: set[int], k: int, sign: float) -> 
     returned = exact[trace.hit_rows]
     rel = np.max(np.abs(sign * trace.hit_scores - returned)) / max(np.max(np.abs(returned)), 1e-30)
     return {
+        "k": k,
         "recall_at_k": _recall(truth, trace.hit_rows, k),
         "stage1_recall": _recall(truth, rows1, k),
         "stage2_recall": _recall(truth, trace.shortlist_rows, k),
@@ -175,6 +185,8 @@ def _average(rows: list[dict]) -> Side:
         depths = sorted(set().union(*(r[key] for r in rows)))
         return {d: float(np.mean([r[key][d] for r in rows if d in r[key]])) for d in depths}
 
+    recalls = np.array([r["recall_at_k"] for r in rows])
+    flagged = np.array([r["flagged"] for r in rows], dtype=bool)
     return Side(
         recall_at_k=mean("recall_at_k"), stage1_recall=mean("stage1_recall"), stage2_recall=mean("stage2_recall"),
         tfidf_recall=mean("tfidf_recall"), hybrid_recall=mean("hybrid_recall"),
@@ -182,4 +194,11 @@ def _average(rows: list[dict]) -> Side:
         exact_max_rel_diff=float(np.max([r["exact_max_rel_diff"] for r in rows])),
         stage1_recall_at_depth=depth_mean("stage1_recall_at_depth"), stage2_recall_at_depth=depth_mean("stage2_recall_at_depth"),
         per_query_recall=[r["recall_at_k"] for r in rows],
+        worst_recall=float(np.min(recalls)), p5_recall=float(np.percentile(recalls, 5)),
+        missed=float(np.mean([(1 - r["recall_at_k"]) * r["k"] for r in rows])), expected_missed=mean("expected_missed"),
+        flagged_recall=_mean_or_nan(recalls[flagged]), unflagged_recall=_mean_or_nan(recalls[~flagged]),
     )
+
+
+def _mean_or_nan(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")

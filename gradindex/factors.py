@@ -99,10 +99,14 @@ class Factors:
 
     def precondition(self, name: str, grad: torch.Tensor, damping: float | None = None, damping_scale: float | None = None) -> torch.Tensor:
         """H⁻¹G for a stack of gradients (…, d_out, d_in), in their dtype."""
+        return self.precondition_rotated(name, self.rotate(name, grad), damping, damping_scale)
+
+    def precondition_rotated(self, name: str, rotated: torch.Tensor, damping: float | None = None,
+                             damping_scale: float | None = None) -> torch.Tensor:
+        """H⁻¹G given G̃ = Q_Sᵀ G Q_A (cheaper to form from a short sequence's tokens than by rotating G)."""
         f = self.layers[name]
-        lam = self.damping(name, damping, damping_scale)
-        scaled = self.rotate(name, grad) / (f.lam.to(grad) + lam)
-        return f.q_s.to(grad) @ scaled @ f.q_a.T.to(grad)
+        scaled = rotated / (f.lam.to(rotated) + self.damping(name, damping, damping_scale))
+        return f.q_s.to(rotated) @ scaled @ f.q_a.T.to(rotated)
 
     def check_model(self, model_hash: str, tokenizer_hash: str | None = None) -> None:
         if model_hash != self.config.model_hash:

@@ -65,39 +65,38 @@ def fit_factors(
     if not plan:
         raise GradIndexError("every training sequence is empty: nothing to fit factors on")
 
-    def passes(desc: str):
+    def passes(desc: str, on_layer) -> int:
+        """One pass over ``train``; returns the number of tokens seen."""
+        tokens = 0
         for rows in tqdm(plan, desc=desc, disable=not progress, unit="batch"):
             batch = collate(train, rows).to(device)
-            captured = capture(model, layers, batch, sample_seed=sample_seed)
-            yield batch, captured
+            tokens += int(batch.attention_mask.sum())
+            capture(model, layers, batch, on_layer, sample_seed=sample_seed)
+        return tokens
 
     cov_a = {s.name: torch.zeros(s.d_in, s.d_in, dtype=torch.float64, device=device) for s in layers}
     cov_s = {s.name: torch.zeros(s.d_out, s.d_out, dtype=torch.float64, device=device) for s in layers}
-    n_tokens = 0
-    for batch, captured in passes("covariances"):
-        n_tokens += int(batch.attention_mask.sum())
-        for name, c in captured.items():
-            a = c.a.reshape(-1, c.a.shape[-1]).to(dtype)
-            d = c.delta.reshape(-1, c.delta.shape[-1]).to(dtype)
-            cov_a[name] += (a.T @ a).double()
-            cov_s[name] += (d.T @ d).double()
 
+    def covariances(name: str, a: torch.Tensor, delta: torch.Tensor) -> None:
+        a, d = a.reshape(-1, a.shape[-1]), delta.reshape(-1, delta.shape[-1])
+        cov_a[name] += (a.T @ a).double()
+        cov_s[name] += (d.T @ d).double()
+
+    n_tokens = passes("covariances", covariances)
     bases = {}
     for s in tqdm(layers, desc="eigendecomposition", disable=not progress, unit="layer"):
-        a_vals, q_a = _eigh(cov_a[s.name] / n_tokens)
-        s_vals, q_s = _eigh(cov_s[s.name] / n_tokens)
+        a_vals, q_a = _eigh(cov_a.pop(s.name) / n_tokens)
+        s_vals, q_s = _eigh(cov_s.pop(s.name) / n_tokens)
         bases[s.name] = (a_vals, q_a, s_vals, q_s)
-    del cov_a, cov_s
 
     lam = {s.name: torch.zeros(s.d_out, s.d_in, dtype=torch.float64, device=device) for s in layers}
     q_cast = {name: (q_a.to(dtype), q_s.to(dtype)) for name, (_, q_a, _, q_s) in bases.items()}
-    n_sequences = 0
-    for batch, captured in passes("eigenvalue correction"):
-        n_sequences += len(batch.rows)
-        for name, c in captured.items():
-            q_a, q_s = q_cast[name]
-            g = rotated_sequence_gradients(c.a.to(dtype), c.delta.to(dtype), q_a, q_s)
-            lam[name] += g.square().sum(0).double()
+
+    def correction(name: str, a: torch.Tensor, delta: torch.Tensor) -> None:
+        lam[name] += rotated_sequence_gradients(a, delta, *q_cast[name]).square().sum(0).double()
+
+    passes("eigenvalue correction", correction)
+    n_sequences = sum(len(rows) for rows in plan)  # sequences with a scored token
 
     # Kept in the dtype they are saved in, so factors used straight after fitting and factors read back
     # from disk whiten and precondition identically.

@@ -1,8 +1,8 @@
 """The typed records an index keeps about itself (``build.json``, the shard records, ``manifest.json``) and
 their JSON forms. Where they live on disk is ``store``'s business.
 
-Schema 2 renamed what schema 1 called ``factor_dim`` and ``stage2_factors`` (the stage-2 codes, not the
-EK-FAC factors) and ``compression.rank`` (the stage-2 rank); schema-1 files are read with those names mapped.
+Schema 3 stores one fixed-size code per sequence (``codeplan``); indexes of schemas 1 and 2 (per-layer sketches
+and low-rank codes, whose size grew with the model) are refused with a request to rebuild.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .compress import CompressionConfig
+from .codeplan import CompressionConfig
 from .errors import GradIndexError
 from .files import from_dict, sha256
 
-SCHEMA_VERSION = 2
-FILE_KINDS = ("vectors", "lowrank", "meta")  # a shard's files: stage-1 vectors, stage-2 codes, metadata
+SCHEMA_VERSION = 3
+FILE_KINDS = ("codes", "meta")  # a shard's files: the codes (stage 1 indexes their prefix), metadata
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ class Manifest:
     versions: dict[str, str]
     tokens_fingerprint: str  # of every stored token id, in row order
     n_rows: int
-    vector_dim: int  # stage-1 vector length
-    code_dim: int  # stage-2 code length, at the built stage-2 rank
+    vector_dim: int  # stage-1 vector length (a prefix of the code)
+    code_dim: int  # code length
     index: FaissEntry
     factors_files: list[FileEntry]
     bytes_per_sequence: dict[str, float]
@@ -152,8 +152,7 @@ class Manifest:
             tokens_fingerprint=fingerprint.hexdigest(), n_rows=n, vector_dim=vector_dim, code_dim=code_dim, index=index,
             factors_files=factors_files,
             bytes_per_sequence={
-                "stage1_vectors": shard_bytes["vectors"] / n, "stage2_codes": shard_bytes["lowrank"] / n,
-                "metadata": shard_bytes["meta"] / n, "faiss_index": index.file.bytes / n,
+                "codes": shard_bytes["codes"] / n, "faiss_index": index.file.bytes / n, "metadata": shard_bytes["meta"] / n,
                 "total": (sum(shard_bytes.values()) + index.file.bytes) / n,
             },
             shards=records,
@@ -183,14 +182,13 @@ class Manifest:
         if not isinstance(data, dict):
             raise GradIndexError(f"{where}: the manifest is not a JSON object")
         version = data.get("schema_version")
-        if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        if isinstance(version, int) and 1 <= version < SCHEMA_VERSION:
+            raise GradIndexError(f"{where} has schema version {version}: per-layer codes that grow with the model, which this "
+                                 f"gradindex no longer reads; rebuild the index (`gradindex build`, the factors can be reused)")
+        if version != SCHEMA_VERSION:
             raise GradIndexError(f"{where} has schema version {version}, newer than this gradindex reads ({SCHEMA_VERSION}); "
                                  "upgrade gradindex")
         data = dict(data)
-        if version == 1:
-            data["code_dim"] = data.pop("factor_dim", None)
-            data["bytes_per_sequence"] = {("stage2_codes" if k == "stage2_factors" else k): v
-                                          for k, v in data.get("bytes_per_sequence", {}).items()}
         try:
             build = BuildConfig.from_dict({f.name: data.pop(f.name) for f in fields(BuildConfig) if f.name in data}, where)
             index = dict(data.pop("index"))
@@ -209,8 +207,8 @@ class Manifest:
         c, b = self.compression, self.bytes_per_sequence
         return "\n".join([
             f"index {root}: {self.n_rows} sequences, model {self.build.model} ({len(self.build.layers)} layers), built {self.created}",
-            f"  stage 1: {c.stage1} {self.vector_dim} dims (damping {c.stage1_damping_scale} × mean eigenvalue), FAISS {self.index.key}",
-            f"  stage 2: rank-{c.stage2_rank} codes, {self.code_dim} values per sequence; storage {c.dtype}",
+            f"  codes: {self.code_dim} {c.dtype} values per sequence (budget {c.budget / 1024:g} KiB); "
+            f"stage 1: their first {self.vector_dim} in FAISS {self.index.key}",
             "  bytes per sequence: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in b.items()),
             f"  model hash {self.build.model_hash}, tokenizer hash {self.build.tokenizer_hash}, "
             f"factors sha256 {self.build.factors_hash[:16]}…",

@@ -6,7 +6,6 @@ bad one gets the same one-line error everywhere.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -53,12 +52,11 @@ def parse_part(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
 @dataclass(frozen=True)
 class QueryOptions:
     """One query's settings. ``k1``/``k2`` default to 1,000 and 100 (never fewer than ``k``, never more than
-    the index holds) and ``stage2_rank`` to the built rank: :meth:`for_index` fills them in."""
+    the index holds): :meth:`for_index` fills them in."""
 
     k: int = DEFAULT_K  # results
     k1: int | None = None  # stage-1 (FAISS) candidates
     k2: int | None = None  # distinct texts rescored exactly
-    stage2_rank: int | None = None  # rank of the stage-2 codes used, at most the built one (a prefix of each code)
     nprobe: int | None = None  # IVF lists searched (IVF indexes only; default: recorded in the index)
     opponents: bool = False  # most negative influence instead of most positive
     cosine: bool = False  # scores divided by both whitened-gradient norms
@@ -73,24 +71,26 @@ class QueryOptions:
             raise GradIndexError(f"k must be a positive number of results, got {self.k}")
         if self.candidates not in CANDIDATE_SOURCES:
             raise GradIndexError(f"candidates must be one of {', '.join(CANDIDATE_SOURCES)}; got {self.candidates!r}")
+        for name in ("k1", "k2"):
+            value = getattr(self, name)
+            if value is not None and (not _is_count(value) or value <= 0):
+                raise GradIndexError(f"{name} must be a positive number of candidates, got {value}")
 
-    def for_index(self, n_rows: int, built_rank: int) -> "QueryOptions":
-        """These options against an index of ``n_rows`` rows and stage-2 rank ``built_rank``, defaults filled in."""
+    def for_index(self, n_rows: int) -> "QueryOptions":
+        """These options against an index of ``n_rows`` rows, defaults filled in."""
         if self.k > n_rows:
             raise GradIndexError(f"k = {self.k} exceeds the {n_rows} sequences in the index")
-        rank = built_rank if self.stage2_rank is None else self.stage2_rank
-        if not _is_count(rank) or not 1 <= rank <= built_rank:
-            raise GradIndexError(f"stage-2 rank must be between 1 and the index's stage-2 rank {built_rank}, got {rank}")
         k1 = min(n_rows, max(self.k, DEFAULT_K1 if self.k1 is None else self.k1))
         k2 = min(k1, max(self.k, DEFAULT_K2 if self.k2 is None else self.k2))
-        return replace(self, k1=k1, k2=k2, stage2_rank=rank)
+        return replace(self, k1=k1, k2=k2)
 
     @classmethod
     def of(cls, options: "QueryOptions | None" = None, k: int | None = None, **overrides) -> "QueryOptions":
         """``options`` (or the defaults) with ``k`` and ``overrides`` applied: what every entry point accepts."""
-        if "rank" in overrides:  # gradindex 0.1's name for the query-time stage-2 rank
-            warnings.warn("rank= is now stage2_rank=", DeprecationWarning, stacklevel=3)
-            overrides["stage2_rank"] = overrides.pop("rank")
+        for gone in ("rank", "stage2_rank"):
+            if gone in overrides:  # gradindex ≤ 0.2: a rank of per-layer codes, which fixed-size codes do not have
+                raise GradIndexError(f"{gone}= is gone: indexes now hold one fixed-size code per sequence; widen the "
+                                     "exact rerank with k2= instead")
         if k is not None:
             overrides["k"] = k
         return replace(options, **overrides) if options is not None else cls(**overrides)

@@ -86,8 +86,11 @@ def sequence_gradients(model: nn.Module, layers: list[LayerSpec], data: Tokenize
     grads = {s.name: torch.zeros(len(data), s.d_out, s.d_in, dtype=dtype, device=device) for s in layers}
     for rows in plan_batches(data, token_budget):
         positions = torch.tensor(rows, device=device)
-        for name, c in capture(model, layers, collate(data, rows).to(device)).items():
-            grads[name][positions] = torch.einsum("bto,bti->boi", c.delta.to(dtype), c.a.to(dtype))
+
+        def keep(name: str, a: torch.Tensor, delta: torch.Tensor) -> None:
+            grads[name][positions] = torch.einsum("bto,bti->boi", delta, a)
+
+        capture(model, layers, collate(data, rows).to(device), keep)
     return grads
 
 
@@ -223,17 +226,20 @@ def score_preconditioned(
     layer_scores = {s.name: torch.zeros(n_q, n, dtype=torch.float64) for s in layers}
     token_scores: list[np.ndarray | None] = [np.zeros((n_q, len(ids)), np.float32) for ids in train.input_ids] if per_token else []
     for rows in tqdm(plan_batches(train, token_budget), desc="scoring", disable=not progress, unit="batch"):
-        tokens_total = None
-        for name, c in capture(model, layers, collate(train, rows).to(device)).items():
-            s = contract(p[name], c.a.to(dtype), c.delta.to(dtype), per_token=per_token)
+        tokens_total: list[torch.Tensor] = []  # a running sum over layers, (Q, B, T)
+
+        def score(name: str, a: torch.Tensor, delta: torch.Tensor) -> None:
+            s = contract(p[name], a, delta, per_token=per_token)
             if per_token:
-                tokens_total = s if tokens_total is None else tokens_total + s
+                tokens_total[:] = [s.float() + tokens_total[0]] if tokens_total else [s.float()]
                 s = s.sum(-1)
             layer_scores[name][:, rows] = s.double().cpu()
+
+        capture(model, layers, collate(train, rows).to(device), score)
         if per_token:
-            tokens_total = tokens_total.float().cpu().numpy()
+            totals = tokens_total[0].cpu().numpy()
             for b, r in enumerate(rows):
-                token_scores[r] = tokens_total[:, b, : len(train.input_ids[r])]
+                token_scores[r] = totals[:, b, : len(train.input_ids[r])]
     total = sum(layer_scores.values())
     return ScoreResult(
         scores=total.float().numpy(),

@@ -1,7 +1,7 @@
-"""The online query: one gradient, a FAISS shortlist, low-rank rescoring, exact EK-FAC rerank.
+"""The online query: one gradient, a FAISS shortlist, rescoring from stored codes, exact EK-FAC rerank.
 
-    stage 1  FAISS inner product over stage-1 vectors         → top k1 candidates
-    stage 2  Σ_layers ⟨W(G_q), U Vᵀ⟩ from memory-mapped codes   → the k2 best texts (``candidates``)
+    stage 1  FAISS (RaBitQ) over the codes' prefixes            → top k1 candidates
+    stage 2  ⟨code_q, code_z⟩ over memory-mapped whole codes     → the k2 best texts (``candidates``)
     stage 3  exact EK-FAC influence of those texts (``scores``) → top k
 Opponents (most negative influence) run the same cascade on the negated query.
 """
@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from . import ann, store
-from .candidates import Candidates, Shortlist
-from .compress import LEGACY_SKETCH_HASH, Compressor, QueryEmbedding
+from .candidates import UNCERTAIN_MISSES, Candidates, Shortlist, expected_missed
+from .compress import Compressor, QueryEmbedding
 from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, as_queries, tokenize_queries
 from .errors import GradIndexError
 from .factors import Factors
@@ -66,11 +65,19 @@ class QueryResult:
     hits: list[Hit]
     seconds: dict[str, float] = field(default_factory=dict)
     trace: Trace | None = None
+    expected_missed: float = 0.0  # how many of the true top k the cascade may have missed (see ``expected_missed``)
+
+    @property
+    def uncertain(self) -> bool:
+        return self.expected_missed >= UNCERTAIN_MISSES
 
     def summary(self) -> str:
         """What ``gradindex query`` prints: one line per hit (and its strongest tokens, when scored per token)."""
         lines = [f"{self.prompt!r} → {self.completion!r}: top {len(self.hits)} {'opponents' if self.opponents else 'proponents'} "
                  f"({self.seconds.get('total', 0) * 1000:.0f} ms)"]
+        if self.uncertain:
+            lines.append(f"  note: the index may have missed about {self.expected_missed:.1f} of the true top {len(self.hits)} "
+                         "(candidates close to the cut were not rescored exactly); raise --k2 to check")
         for position, h in enumerate(self.hits, 1):
             copies = f" (×{len(h.copies) + 1})" if h.copies else ""
             lines.append(f"{position:3d}. {h.score:+.4g}  row {h.row}{copies}  {one_line(h.text)}")
@@ -112,7 +119,6 @@ class GradIndex:
             raise GradIndexError(f"index {root} was built for another model (weights hash differs from {manifest.build.model!r})")
         if lm.tokenizer_hash != manifest.build.tokenizer_hash:
             raise GradIndexError(f"index {root} was built with another tokenizer (tokenizer hash differs)")
-        _check_sketch(root, manifest)
         factors = Factors.load(root / store.FACTORS_DIR)
         if factors.config.model_hash != manifest.build.model_hash:
             raise GradIndexError(f"index {root}: its factors belong to another model than its vectors")
@@ -167,7 +173,7 @@ class GradIndex:
                    trace: bool = False, **overrides) -> list[QueryResult]:
         """Run the cascade for each query, with ``options`` (see :class:`QueryOptions`) and/or its fields as
         keywords. ``trace``: keep every stage's rows and scores on the results."""
-        options = QueryOptions.of(options, k, **overrides).for_index(self.n, self.compressor.config.stage2_rank)
+        options = QueryOptions.of(options, k, **overrides).for_index(self.n)
         queries = as_queries(queries)
         started = time.perf_counter()
         embedding = self.compressor.embed(self.lm.model, tokenize_queries(self.lm.tokenizer, queries, self.max_query_length),
@@ -192,7 +198,9 @@ class GradIndex:
             hits = self._hits(ranked, shortlist, stage1_of, stage2_of, options)
             mine["total"] = sum(mine.values())
             kept = Trace(rows1, scores1, scores2, ranked.rows, ranked.scores, ranked.rows[ranked.chosen], ranked.scores[ranked.chosen])
-            results.append(QueryResult(query.prompt, query.completion, options.opponents, hits, mine, kept if trace else None))
+            missed = expected_missed(rows1, scores2, ranked.rows, np.array([stage2_of[r] for r in ranked.rows.tolist()]), ranked.scores,
+                                     len(hits), _sign(options))
+            results.append(QueryResult(query.prompt, query.completion, options.opponents, hits, mine, kept if trace else None, missed))
         return results
 
     def _stage1(self, embedding: QueryEmbedding, options: QueryOptions) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -208,10 +216,8 @@ class GradIndex:
         return np.sqrt(np.maximum(self.reader.self_influence(rows), 1e-300)) * max(embedding.norms[q], 1e-300)
 
     def _stage2(self, embedding: QueryEmbedding, q: int, rows: np.ndarray, options: QueryOptions) -> np.ndarray:
-        """Stage-2 scores of ``rows`` from their stored codes at the query's stage-2 rank."""
-        codes = torch.from_numpy(self.reader.codes(rows, self.compressor.component_dim * options.stage2_rank))
-        whitened = {name: w[q : q + 1] for name, w in embedding.whitened.items()}
-        return self.compressor.stage2_scores(codes, whitened)[0].numpy() / self._normaliser(embedding, q, rows, options)
+        """Stage-2 scores of ``rows``: their whole stored codes against the query's."""
+        return self.compressor.scores(self.reader.codes(rows), embedding.codes[q : q + 1])[0] / self._normaliser(embedding, q, rows, options)
 
     def _scores_by_row(self, embedding, q, shortlist: Shortlist, rows1, scores1, scores2, options) -> tuple[dict, dict]:
         """Stage-1 and stage-2 scores of every shortlisted row; TF-IDF's picks outside stage 1 are scored here."""
@@ -225,8 +231,8 @@ class GradIndex:
 
     def _stage3(self, embedding: QueryEmbedding, q: int, shortlist: Shortlist, options: QueryOptions) -> "_Ranked":
         """Exact scores of the shortlisted texts, one rescore per text, and the final k among their rows."""
-        p = {name: self.factors.precondition(name, g[q : q + 1], options.damping, options.damping_scale)
-             for name, g in embedding.gradients.items()}
+        p = {name: self.factors.precondition_rotated(name, g[q : q + 1], options.damping, options.damping_scale)
+             for name, g in embedding.rotated.items()}
         texts = TokenizedSet.training_text([shortlist.token_ids[g[0]] for g in shortlist.groups], self.lm.pad_id)
         exact = self.rescore(p, texts, per_layer=True, per_token=options.per_token)
         text_scores = exact.scores[0].astype(np.float64) / self._normaliser(embedding, q, shortlist.representatives, options)
@@ -272,14 +278,3 @@ class _Ranked:
 
 def _sign(options: QueryOptions) -> float:
     return -1.0 if options.opponents else 1.0
-
-
-def _check_sketch(root: Path, manifest: store.Manifest) -> None:
-    """An index whose sketch came from torch's generator is only read under the torch release that drew it:
-    under another, its stage-1 candidates could be silently scrambled."""
-    c = manifest.compression
-    built, now = (str(v).split("+")[0] for v in (manifest.versions.get("torch"), torch.__version__))
-    if c.stage1 == "sketch" and c.sketch_hash == LEGACY_SKETCH_HASH and built != now:
-        raise GradIndexError(f"index {root} drew its stage-1 sketch from torch {built}'s random generator and this is torch {now}, "
-                             "so its stage-1 candidates could be wrong; rebuild it (sketches no longer depend on torch) "
-                             f"or open it under torch {built}")

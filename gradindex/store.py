@@ -3,10 +3,11 @@
     NAME/
       build.json            what is being built (written first; a resumed build must match it)
       factors/              the EK-FAC factors the vectors were whitened with
-      shards/00000.*        per shard of rows [j·S, (j+1)·S): vectors.npy (stage-1 vectors), lowrank.npy
-                            (stage-2 codes), meta.parquet (global row id, source, offset, text, tokens,
-                            self-influence), and 00000.json, written last, which marks the shard complete
-      index.faiss           the stage-1 FAISS index over all rows
+      shards/00000.*        per shard of rows [j·S, (j+1)·S): codes.npy (one fixed-size code per row),
+                            meta.parquet (global row id, source, offset, text, tokens, the code's squared
+                            norm), and 00000.json, written last, which marks the shard complete
+      index.faiss           the stage-1 FAISS index over the codes' prefixes (compact codes of its own,
+                            not a second copy)
       lexical/              TF-IDF of every text (derived data: rebuilt from the metadata if missing)
       manifest.json         written last: the index is complete iff it exists
 
@@ -40,7 +41,7 @@ FACTORS_DIR = "factors"
 SHARDS_DIR = "shards"
 LEXICAL_DIR = "lexical"
 MANIFEST = "manifest.json"
-_SUFFIX = {"vectors": "vectors.npy", "lowrank": "lowrank.npy", "meta": "meta.parquet"}
+_SUFFIX = {"codes": "codes.npy", "meta": "meta.parquet"}
 
 
 def shard_path(root: Path, j: int, kind: str) -> Path:
@@ -69,13 +70,12 @@ def load_build_config(root: Path) -> BuildConfig | None:
 
 # -- shards ---------------------------------------------------------------------------------------
 
-def write_shard(root: Path, j: int, rows: range, *, texts: list[str], tokens: TokenizedSet, vectors: np.ndarray,
-                codes: np.ndarray, self_influence: np.ndarray, source: str, started: float) -> ShardRecord:
+def write_shard(root: Path, j: int, rows: range, *, texts: list[str], tokens: TokenizedSet, codes: np.ndarray,
+                self_influence: np.ndarray, source: str, started: float) -> ShardRecord:
     """Write shard j's files, then its record: the marker that the shard is complete."""
     root = Path(root)
-    for kind, array in (("vectors", vectors), ("lowrank", codes)):
-        with atomic_write(shard_path(root, j, kind)) as tmp, open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_write(shard_path(root, j, "codes")) as tmp, open(tmp, "wb") as f:
+        np.save(f, codes)
     meta = pa.table({  # the metadata schema
         "row_id": pa.array(np.arange(rows.start, rows.stop), pa.int64()),
         "source": pa.array([source] * len(rows), pa.string()),
@@ -157,7 +157,7 @@ def describe(root: Path, config: BuildConfig, records: list[ShardRecord], key: s
         config, records,
         index=FaissEntry(key, ann.default_nprobe(key), int(faiss_index.ntotal), FileEntry.of(root, root / INDEX_FILE)),
         vector_dim=int(faiss_index.d),
-        code_dim=int(np.load(shard_path(root, 0, "lowrank"), mmap_mode="r").shape[1]),
+        code_dim=int(np.load(shard_path(root, 0, "codes"), mmap_mode="r").shape[1]),
         factors_files=[FileEntry(tensors.relative_to(root).as_posix(), tensors.stat().st_size, config.factors_hash),
                        FileEntry.of(root, root / FACTORS_DIR / CONFIG_FILE)],
     )
@@ -213,20 +213,23 @@ def verify(root: Path) -> list[str]:
 # -- reading --------------------------------------------------------------------------------------
 
 class ShardReader:
-    """Read access to an index's shards by global row: metadata, token ids, stage-1 vectors, stage-2 codes.
+    """Read access to an index's shards by global row: metadata, token ids, codes and their stage-1 prefixes.
 
-    Arrays are memory-mapped and only the requested rows (and, for codes, only the requested prefix of
-    each) are read.
+    Arrays are memory-mapped and only the requested rows (and prefixes) are read.
     """
 
-    def __init__(self, root: Path, shard_size: int, n_shards: int):
-        self.root, self.shard_size, self.n_shards = Path(root), shard_size, n_shards
+    def __init__(self, root: Path, shard_size: int, n_shards: int, stage1_dim: int | None):
+        self.root, self.shard_size, self.n_shards, self._stage1_dim = Path(root), shard_size, n_shards, stage1_dim
         self._meta: dict[int, pa.Table] = {}
         self._arrays: dict[str, list[np.ndarray]] = {}
 
     @classmethod
     def of(cls, root: Path, config: BuildConfig) -> "ShardReader":
-        return cls(root, config.shard_size, config.n_shards)
+        return cls(root, config.shard_size, config.n_shards, config.compression.stage1_dim)
+
+    @property
+    def stage1_dim(self) -> int:
+        return min(self._stage1_dim or 1 << 62, self._mapped("codes")[0].shape[1])
 
     def meta(self, j: int) -> pa.Table:
         if j not in self._meta:
@@ -262,16 +265,16 @@ class ShardReader:
         return np.asarray(self.rows(rows, ("self_influence",))["self_influence"], dtype=np.float64)
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
-        """Stage-1 vectors of the given rows, in the storage dtype."""
-        return self._read("vectors", rows, None)
+        """Stage-1 vectors (code prefixes) of the given rows, in the storage dtype."""
+        return self._read("codes", rows, self.stage1_dim)
 
     def codes(self, rows: Sequence[int], width: int | None = None) -> np.ndarray:
         """Stage-2 codes of the given rows: the first ``width`` values of each (a lower rank), or all."""
-        return self._read("lowrank", rows, width)
+        return self._read("codes", rows, width)
 
     def vector_blocks(self) -> Iterator[np.ndarray]:
         """Every stage-1 vector as float32, a shard at a time, in row order."""
-        return (v.astype(np.float32) for v in self._mapped("vectors"))
+        return (np.ascontiguousarray(v[:, : self.stage1_dim], dtype=np.float32) for v in self._mapped("codes"))
 
     def texts(self) -> Iterator[str]:
         """Every stored text, in row order."""

@@ -31,11 +31,31 @@ def test_search_returns_the_largest_inner_products(key):
 
 
 def test_index_choice_follows_the_memory_budget():
-    assert ann.choose_key(1000, 512, 2**30) == "SQfp16"
-    assert ann.choose_key(500_000, 4096, 4 * 2**30) == "SQfp16"
-    assert ann.choose_key(10**6, 4096, 4 * 2**30).endswith(",SQ8")
-    key = ann.choose_key(10**7, 4096, 4 * 2**30)
-    assert key.startswith("IVF") and "PQ" in key and 4096 % int(key.split("PQ")[1]) == 0
+    assert ann.choose_key(1000, 512, 2**30) == "HR,RaBitQ"
+    assert ann.choose_key(10**7, 2048, 4 * 2**30) == "HR,RaBitQ"  # 264 bytes a row: 2.6 GB
+    key = ann.choose_key(10**8, 2048, 4 * 2**30)
+    assert key.startswith("HR,IVF") and key.endswith(",RaBitQ")
+
+
+def test_rabitq_shortlists_hold_the_true_top_and_its_codes_are_a_sixteenth_of_float16():
+    """The default stage 1: 1-bit codes of vectors whose energy sits in their first entries (as a code's
+    does). After the Hadamard rotation the exact top-10 sits inside a shortlist of 50 (both signs); without
+    it, one bit per entry renders those vectors too coarsely and about half of it is lost."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    d, n = 256, 5000
+    scale = np.geomspace(100, 0.01, d).astype(np.float32)
+    x = rng.standard_normal((n, d)).astype(np.float32) * scale
+    q = rng.standard_normal((8, d)).astype(np.float32) * scale
+    found = {}
+    for key in ("HR,RaBitQ", "RaBitQ"):
+        index = build(key, x)
+        found[key] = [len(set(np.argsort(-t)[:10]) & set(r.tolist())) / 10
+                      for sign in (1, -1) for r, t in zip(ann.search(index, sign * q, 50)[1], sign * q @ x.T)]
+    assert np.mean(found["HR,RaBitQ"]) >= 0.95 and min(found["HR,RaBitQ"]) >= 0.8
+    assert np.mean(found["RaBitQ"]) < 0.8
+    assert faiss.downcast_index(faiss.downcast_index(build("HR,RaBitQ", x)).index).code_size == d // 8 + 8
 
 
 def test_nprobe_applies_to_one_search_only():

@@ -32,7 +32,7 @@ def ws(tmp_path_factory):
     root = tiny_workspace(tmp_path_factory.mktemp("report"), random_texts(N, seed=5), twin=False)
     pipeline.fit(str(root / "model"), str(root / "train.jsonl"), out=root / "factors", progress=False)
     result = runner.invoke(app, ["build", str(root / "model"), "--data", str(root / "train.jsonl"), "--out", str(root / "idx"),
-                                 "--factors", str(root / "factors"), "--stage1-dim", "64", "--rank", "4", "--shard-size", "16"])
+                                 "--factors", str(root / "factors"), "--budget", "8K", "--stage1-dim", "64", "--shard-size", "16"])
     assert result.exit_code == 0, result.output
     return root
 

@@ -1,16 +1,15 @@
 """The index format on its own (no model, no CLI): atomic writes, typed records and their JSON, shards
-written and read back by row, completeness, hashes, and the schema-1 files earlier versions wrote."""
+written and read back by row, completeness, hashes, and older schemas refused."""
 
 import json
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from gradindex import store
-from gradindex.compress import CompressionConfig
+from gradindex.codeplan import CompressionConfig
 from gradindex.data import TokenizedSet
 from gradindex.errors import GradIndexError
 from gradindex.files import atomic_write, from_dict, write_text
@@ -23,23 +22,21 @@ TEXTS = [f"text number {i} about the {'red' if i % 2 else 'blue'} tower" for i i
 
 def config(**changes) -> BuildConfig:
     fields = dict(model="m", model_hash="a" * 32, tokenizer_hash="b" * 32, factors_hash="c" * 64, data="train.jsonl", data_rows=len(TEXTS),
-                  data_fingerprint="f", text_field="text", max_length=16, shard_size=SHARD, compression=CompressionConfig(stage2_rank=2))
+                  data_fingerprint="f", text_field="text", max_length=16, shard_size=SHARD, compression=CompressionConfig(budget=4096, stage1_dim=2))
     return BuildConfig(**{**fields, **changes})
 
 
 @pytest.fixture
 def shards(tmp_path):
-    """Seven rows in shards of three, with vectors, codes and self-influence that encode their row."""
+    """Seven rows in shards of three, with codes and self-influence that encode their row."""
     cfg = config()
     records = []
     for j in range(cfg.n_shards):
         rows = cfg.shard_rows(j)
         ids = [np.arange(r % 4 + 2) + r for r in rows]
         tokens = TokenizedSet.training_text(ids, pad_id=0, truncated=[False] * len(rows))
-        vectors = np.array([[r, -r, 0.5] for r in rows], np.float16)
         codes = np.array([[r, r + 0.25, r + 0.5, r + 0.75] for r in rows], np.float16)
-        records.append(store.write_shard(tmp_path, j, rows, texts=TEXTS[rows.start : rows.stop], tokens=tokens, vectors=vectors,
-                                         codes=codes, self_influence=np.array(rows, np.float64) * 10, source="train.jsonl",
+        records.append(store.write_shard(tmp_path, j, rows, texts=TEXTS[rows.start : rows.stop], tokens=tokens, codes=codes, self_influence=np.array(rows, np.float64) * 10, source="train.jsonl",
                                          started=time.perf_counter()))
     return tmp_path, cfg, records
 
@@ -70,7 +67,7 @@ def test_shards_read_back_by_row_in_any_order(shards):
     root, cfg, records = shards
     reader = store.ShardReader.of(root, cfg)
     rows = [6, 0, 4, 3, 1]
-    np.testing.assert_array_equal(reader.vectors(rows)[:, 0], rows)
+    np.testing.assert_array_equal(reader.vectors(rows), np.array([[r, r + 0.25] for r in rows], np.float16))  # the stage-1 prefix
     np.testing.assert_array_equal(reader.codes(rows, 2), np.array([[r, r + 0.25] for r in rows], np.float16))
     assert reader.codes(rows).shape == (5, 4)
     assert reader.token_ids(rows) == [list(np.arange(r % 4 + 2) + r) for r in rows]
@@ -78,13 +75,13 @@ def test_shards_read_back_by_row_in_any_order(shards):
     np.testing.assert_array_equal(reader.self_influence(rows), np.array(rows) * 10.0)
     np.testing.assert_array_equal(reader.self_influence(), np.arange(7) * 10.0)
     assert list(reader.texts()) == TEXTS
-    np.testing.assert_array_equal(np.concatenate(list(reader.vector_blocks()))[:, 1], -np.arange(7))
+    np.testing.assert_array_equal(np.concatenate(list(reader.vector_blocks())), np.c_[np.arange(7), np.arange(7) + 0.25])
 
 
 def test_a_shard_is_complete_only_with_its_record_and_files_of_the_recorded_size(shards):
     root, cfg, records = shards
     assert store.read_record(root, 1) == records[1] and records[1].rows == (3, 6)
-    path = store.shard_path(root, 1, "lowrank")
+    path = store.shard_path(root, 1, "codes")
     path.write_bytes(path.read_bytes()[:-1])
     assert store.read_record(root, 1) is None
     store.record_path(root, 2).write_text("{not json")
@@ -102,7 +99,7 @@ def test_copied_shards_are_the_same_files(shards, tmp_path_factory):
     root, cfg, _ = shards
     other = tmp_path_factory.mktemp("copy")
     store.copy_shard(root, other, 1)
-    for kind in ("vectors", "lowrank", "meta"):
+    for kind in ("codes", "meta"):
         assert store.shard_path(other, 1, kind).read_bytes() == store.shard_path(root, 1, kind).read_bytes()
     assert store.read_record(other, 1) == store.read_record(root, 1)
 
@@ -110,20 +107,18 @@ def test_copied_shards_are_the_same_files(shards, tmp_path_factory):
 def manifest_of(root, cfg, records) -> Manifest:
     (root / store.INDEX_FILE).write_bytes(b"faiss")
     factors = [FileEntry("factors/factors.safetensors", 5, cfg.factors_hash), FileEntry("factors/factors.json", 2, "d" * 64)]
-    index = FaissEntry("SQfp16", 0, cfg.data_rows, FileEntry.of(root, root / store.INDEX_FILE))
+    index = FaissEntry("RaBitQ", 0, cfg.data_rows, FileEntry.of(root, root / store.INDEX_FILE))
     return Manifest.describe(cfg, records, index=index, vector_dim=3, code_dim=4, factors_files=factors)
 
 
-def test_manifest_round_trips_and_reads_schema_1(shards):
+def test_manifest_round_trips_and_older_schemas_are_refused(shards):
     root, cfg, records = shards
     manifest = manifest_of(root, cfg, records)
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
-    assert manifest.bytes_per_sequence["stage2_codes"] == sum(r.files["lowrank"].bytes for r in records) / 7
-    old = manifest.to_dict()  # as gradindex 0.1 wrote it
-    old.update(schema_version=1, factor_dim=old.pop("code_dim"))
-    old["bytes_per_sequence"] = {("stage2_factors" if k == "stage2_codes" else k): v for k, v in old["bytes_per_sequence"].items()}
-    old["compression"]["rank"] = old["compression"].pop("stage2_rank")
-    assert Manifest.from_dict(old) == replace(manifest, schema_version=1)  # the files on disk are still schema 1
+    assert manifest.bytes_per_sequence["codes"] == sum(r.files["codes"].bytes for r in records) / 7
+    for old in (1, 2):  # per-layer codes that grew with the model
+        with pytest.raises(GradIndexError, match=f"schema version {old}: .* rebuild the index"):
+            Manifest.from_dict({**manifest.to_dict(), "schema_version": old})
     with pytest.raises(GradIndexError, match="schema version 99, newer than this gradindex reads"):
         Manifest.from_dict({**manifest.to_dict(), "schema_version": 99})
     with pytest.raises(GradIndexError, match="unknown field"):
@@ -150,29 +145,26 @@ def test_saved_manifest_vouches_for_every_file(shards):
     class Index:
         d, ntotal = 3, 7
 
-    store.save_manifest(root, store.describe(root, cfg, records, "SQfp16", Index()))
-    assert store.is_complete(root) and store.is_complete(root, "SQfp16") and not store.is_complete(root, "Flat")
+    store.save_manifest(root, store.describe(root, cfg, records, "RaBitQ", Index()))
+    assert store.is_complete(root) and store.is_complete(root, "RaBitQ") and not store.is_complete(root, "Flat")
     manifest = store.load_manifest(root)
     assert {f.name for f in manifest.files()} >= {"index.faiss", "factors/factors.safetensors", "shards/00002.meta.parquet"}
     assert store.verify(root) == []
     store.check_sizes(root, manifest)
-    path = store.shard_path(root, 0, "vectors")
+    path = store.shard_path(root, 0, "codes")
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert store.verify(root) == ["shards/00000.vectors.npy: sha256 differs from the manifest"]
+    assert store.verify(root) == ["shards/00000.codes.npy: sha256 differs from the manifest"]
     path.write_bytes(bytes(data[:-1]))
     with pytest.raises(GradIndexError, match="truncated or corrupt"):
         store.check_sizes(root, manifest)
 
 
-def test_build_config_round_trips_reads_the_old_rank_name_and_names_differences(tmp_path):
+def test_build_config_round_trips_and_names_differences(tmp_path):
     cfg = config()
     store.save_build_config(tmp_path, cfg)
     assert store.load_build_config(tmp_path) == cfg
-    old = cfg.to_dict()
-    old["compression"]["rank"] = old["compression"].pop("stage2_rank")
-    assert BuildConfig.from_dict(old) == cfg
     assert cfg.differences(config(shard_size=4, data="other")) == ["data", "shard_size"]
     (tmp_path / store.BUILD_CONFIG).write_text("[]")
     with pytest.raises(GradIndexError, match="delete the folder to start over"):
@@ -206,4 +198,4 @@ def test_typed_records_name_what_is_wrong():
         from_dict(FileEntry, {"name": "x", "bytes": 1, "sha256": "y", "colour": "red"})
     with pytest.raises(GradIndexError, match="sha256"):
         from_dict(FileEntry, {"name": "x", "bytes": 1})
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3

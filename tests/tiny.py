@@ -66,7 +66,7 @@ SHARD = 16
 
 def build_args(ws, out, *extra):
     return ["build", str(ws / "model"), "--data", str(ws / "train.jsonl"), "--out", str(out), "--factors", str(ws / "factors"),
-            "--stage1-dim", "64", "--rank", "4", "--shard-size", str(SHARD), *extra]
+            "--budget", "8K", "--stage1-dim", "64", "--shard-size", str(SHARD), *extra]
 
 
 def tiny_workspace(root, texts: list[str], queries: list[dict] = (), twin: bool = True):

