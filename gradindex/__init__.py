@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-from .compress import CompressionConfig  # noqa: E402
+from .codeplan import CompressionConfig  # noqa: E402
 from .data import Query  # noqa: E402
 from .errors import GradIndexError  # noqa: E402
 from .evaluation import EvalReport  # noqa: E402

@@ -96,21 +96,22 @@ UNCERTAIN_MISSES = 0.5  # expected misses from which a result carries a warning
 
 def expected_missed(stage2_rows: np.ndarray, stage2_scores: np.ndarray, rescored_rows: np.ndarray, rescored_stage2: np.ndarray,
                     rescored_exact: np.ndarray, k: int, sign: float) -> float:
-    """Expected number of stage-2 candidates left unrescored whose exact score beats the k-th result.
+    """Expected number of stage-2 candidates left unrescored whose exact score beats the k-th result (at most k).
 
-    The rescored candidates show how far exact scores fall from stage-2 estimates (mean μ, spread σ of
-    exact − estimate); an unrescored candidate with estimate s then beats the cut c with probability
-    Φ((s + μ − c)/σ), signs flipped for opponents. ``gradindex eval`` compares the sum with the misses
-    brute force finds.
+    The rescored candidates show how exact scores follow the stage-2 estimates: a least-squares line
+    exact ≈ a + b·estimate (a code keeps part of every score, so b ≠ 1) with residual spread σ; an
+    unrescored candidate with estimate s then beats the cut c with probability Φ((a + b·s − c)/σ), signs
+    flipped for opponents. ``gradindex eval`` compares the sum with the misses brute force finds.
     """
-    if k == 0 or len(rescored_rows) < 2:
+    if k == 0 or len(rescored_rows) < 3:
         return 0.0
-    exact, estimate = sign * rescored_exact, sign * rescored_stage2
+    exact, estimate = sign * rescored_exact.astype(np.float64), sign * rescored_stage2.astype(np.float64)
     cut = np.sort(exact)[::-1][min(k, len(exact)) - 1]
-    residual = exact - estimate
-    spread = max(float(residual.std()), 1e-12 * max(1.0, float(np.abs(exact).max())))
-    rest = sign * stage2_scores[~np.isin(stage2_rows, rescored_rows)]
+    slope, intercept = np.polyfit(estimate, exact, 1) if np.ptp(estimate) > 0 else (0.0, float(exact.mean()))
+    residual = exact - (intercept + slope * estimate)
+    spread = max(float(np.sqrt(np.mean(residual**2))), 1e-12 * max(1.0, float(np.abs(exact).max())))
+    rest = sign * stage2_scores[~np.isin(stage2_rows, rescored_rows)].astype(np.float64)
     if len(rest) == 0:
         return 0.0
-    z = torch.from_numpy((rest + residual.mean() - cut) / spread)
-    return float(torch.special.ndtr(z).sum())
+    z = torch.from_numpy((intercept + slope * rest - cut) / spread)
+    return min(float(k), float(torch.special.ndtr(z).sum()))

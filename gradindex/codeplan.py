@@ -29,8 +29,9 @@ STORAGE_DTYPES = ("float16", "float32")
 
 
 def stage1_bytes(dim: int) -> int:
-    """Bytes of one stage-1 FAISS code (RaBitQ: a bit per dimension and two floats)."""
-    return -(-dim // 8) + 8
+    """Bytes of one stage-1 FAISS code: RaBitQ's bit per dimension, after the Hadamard rotation pads the
+    dimension to a power of two, and its two floats."""
+    return (1 << max(0, dim - 1).bit_length()) // 8 + 8 if dim else 8
 
 
 @dataclass
@@ -65,8 +66,9 @@ class CompressionConfig:
     def code_dim(self) -> int:
         """Numbers per code the budget pays for (before it is cut to what the model has)."""
         itemsize = np.dtype(self.dtype).itemsize
-        if self.stage1_dim is None:  # the stage-1 code spans the code: a bit per entry more
-            return int((self.budget - stage1_bytes(0)) // (itemsize + 1 / 8))
+        if self.stage1_dim is None:  # the stage-1 code spans the code: a bit per (padded) entry more
+            dim = int((self.budget - 8) // (itemsize + 1 / 8))
+            return min(dim, (self.budget - stage1_bytes(dim)) // itemsize)
         return (self.budget - stage1_bytes(self.stage1_dim)) // itemsize
 
     def to_dict(self) -> dict:

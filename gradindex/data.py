@@ -48,6 +48,11 @@ class TokenizedSet:
         arrays = [np.asarray(x, dtype=np.int64) for x in ids]
         return cls(arrays, [np.arange(len(x)) > 0 for x in arrays], truncated, pad_id)
 
+    def subset(self, rows: Sequence[int]) -> "TokenizedSet":
+        rows = list(rows)
+        return TokenizedSet([self.input_ids[r] for r in rows], [self.scored[r] for r in rows],
+                            None if self.truncated is None else [self.truncated[r] for r in rows], self.pad_id)
+
     def __len__(self) -> int:
         return len(self.input_ids)
 

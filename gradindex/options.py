@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .ann import DEFAULT_MAX_MEMORY
-from .compress import CompressionConfig
+from .codeplan import CompressionConfig
 from .data import DEFAULT_TOKEN_BUDGET
 from .errors import GradIndexError
 

@@ -29,6 +29,17 @@ from .layers import LayerSpec
 
 # Largest intermediate (in elements) a contraction may form before it is split; ~256 MB of float32.
 _MAX_ELEMENTS = 64 * 2**20
+# Preconditioned query gradients held at once (each is as large as the tracked layers: 320 MB on a 135M
+# model, 22 GB on an 8B one); more queries are scored in several passes over the training data.
+QUERY_MEMORY = 2 * 2**30
+
+
+def query_chunks(n_queries: int, layers: list[LayerSpec], element_size: int = 4, memory: int | None = None) -> list[range]:
+    """Groups of queries whose full per-layer gradients fit ``memory`` (default ``QUERY_MEMORY``) together,
+    at least one query a group."""
+    per_query = 2 * element_size * sum(s.d_out * s.d_in for s in layers)  # raw and preconditioned, briefly both
+    size = max(1, (QUERY_MEMORY if memory is None else memory) // max(1, per_query))
+    return [range(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]
 
 
 @dataclass
@@ -105,7 +116,9 @@ def query_gradients(
 ) -> dict[str, torch.Tensor]:
     """Preconditioned query gradients P_q = H⁻¹ G_q, (n_queries, d_out, d_in) per layer."""
     grads = sequence_gradients(model, factors.specs, queries, token_budget=token_budget)
-    return {name: factors.precondition(name, g, damping, damping_scale) for name, g in grads.items()}
+    for name in list(grads):  # one layer at a time, so raw and preconditioned gradients are never all alive
+        grads[name] = factors.precondition(name, grads[name], damping, damping_scale)
+    return grads
 
 
 @dataclass
@@ -201,12 +214,25 @@ def compute_scores(
     query_rank: int | None = None,
     progress: bool = True,
 ) -> ScoreResult:
-    """EK-FAC influence of every training sequence on every query, all queries in one pass over ``train``;
-    exact, or with each query's preconditioned gradient cut to rank ``query_rank``."""
-    p = query_gradients(model, factors, queries, token_budget=token_budget, damping=damping, damping_scale=damping_scale)
-    if query_rank is not None:
-        p = low_rank(p, query_rank)
-    return score_preconditioned(model, factors.specs, p, train, token_budget=token_budget, per_layer=per_layer, per_token=per_token, progress=progress)
+    """EK-FAC influence of every training sequence on every query, exact, or with each query's preconditioned
+    gradient cut to rank ``query_rank``. All queries share one pass over ``train`` while their gradients fit
+    ``QUERY_MEMORY``; beyond that, one pass per group (``query_chunks``), so memory does not grow with them."""
+    parts = []
+    for group in query_chunks(len(queries), factors.specs, device_and_dtype(model)[1].itemsize):
+        p = query_gradients(model, factors, queries.subset(group), token_budget=token_budget, damping=damping, damping_scale=damping_scale)
+        if query_rank is not None:
+            p = low_rank(p, query_rank)
+        parts.append(score_preconditioned(model, factors.specs, p, train, token_budget=token_budget, per_layer=per_layer,
+                                          per_token=per_token, progress=progress))
+        del p
+    if len(parts) == 1:
+        return parts[0]
+    return ScoreResult(
+        scores=np.concatenate([r.scores for r in parts]),
+        per_layer={k: np.concatenate([r.per_layer[k] for r in parts]) for k in parts[0].per_layer} if per_layer else None,
+        per_token=[np.concatenate([r.per_token[i] for r in parts]) for i in range(len(train))] if per_token else None,
+        n_truncated=train.n_truncated,
+    )
 
 
 def score_preconditioned(

@@ -24,7 +24,8 @@ from .errors import GradIndexError
 from .factors import Factors
 from .model import LanguageModel, load_model
 from .options import QueryOptions
-from .scores import ScoreResult, query_gradients, score_preconditioned
+from .capture import device_and_dtype
+from .scores import ScoreResult, query_chunks, query_gradients, score_preconditioned
 
 
 @dataclass
@@ -175,6 +176,13 @@ class GradIndex:
         keywords. ``trace``: keep every stage's rows and scores on the results."""
         options = QueryOptions.of(options, k, **overrides).for_index(self.n)
         queries = as_queries(queries)
+        results = []
+        # Groups whose full query gradients fit QUERY_MEMORY: memory does not grow with the number of queries.
+        for group in query_chunks(len(queries), self.factors.specs, device_and_dtype(self.lm.model)[1].itemsize):
+            results += self._cascade([queries[i] for i in group], options, trace)
+        return results
+
+    def _cascade(self, queries: list[Query], options: QueryOptions, trace: bool) -> list[QueryResult]:
         started = time.perf_counter()
         embedding = self.compressor.embed(self.lm.model, tokenize_queries(self.lm.tokenizer, queries, self.max_query_length),
                                           self.token_budget)

@@ -118,3 +118,26 @@ def test_bad_compression_settings_are_refused():
                          (dict(damping_scale=float("nan")), "damping scale"), (dict(stage1_dim=2.5), "stage1_dim")):
         with pytest.raises(GradIndexError, match=message):
             CompressionConfig(**bad)
+
+
+def test_capture_hands_over_one_layer_at_a_time_during_the_backward_pass(setup):
+    """Each layer's output gradient reaches the callback while the backward pass runs (last layer first) and
+    is gone by the next layer's: a build never holds every layer's gradients of a batch."""
+    import gc
+    import weakref
+
+    from gradindex.capture import capture
+    from gradindex.data import collate
+
+    model, factors, train = setup[:3]
+    seen, alive = [], []
+
+    def on_layer(name, a, delta):
+        gc.collect()
+        alive.append(sum(ref() is not None for _, ref in seen))
+        seen.append((name, weakref.ref(delta)))
+
+    capture(model, factors.specs, collate(train, list(range(8))), on_layer)
+    names = [s.name for s in factors.specs]
+    assert [n for n, _ in seen] == names[::-1]  # in backward order, one call per layer
+    assert max(alive) == 0

@@ -336,3 +336,22 @@ def test_an_index_of_an_older_schema_is_refused_with_a_request_to_rebuild(ws, tm
     (copy / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
     result = runner.invoke(app, ["query", str(copy), "--prompt", "music by", "--completion", " the"])
     assert result.exit_code == 2 and "schema version 2" in result.output and "rebuild the index" in result.output
+
+
+def test_expected_missed_counts_unrescored_candidates_likely_to_beat_the_cut():
+    from gradindex.candidates import expected_missed
+
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal(1000) * 10
+    estimate = 0.5 * exact + rng.standard_normal(1000)  # a code keeps half of every score, plus noise
+    rows = np.arange(1000)
+    for sign in (1.0, -1.0):
+        order = np.argsort(-sign * estimate)
+        top = order[:100]  # rescored: stage 2's best 100 …
+        sure = expected_missed(rows, estimate, top, estimate[top], exact[top], 10, sign)
+        assert sure < 0.05  # … hold every true top-10 with room to spare, and the estimate says so
+        few = order[5:100]  # … now stage 2's five best are left unrescored: most of them belong in the top 10
+        missing = len(set(np.argsort(-sign * exact)[:10]) - set(few.tolist()))
+        predicted = expected_missed(rows, estimate, few, estimate[few], exact[few], 10, sign)
+        assert missing >= 3 and abs(predicted - missing) <= 1.5
+    assert expected_missed(rows, estimate, rows, estimate, exact, 10, 1.0) == 0.0  # all rescored: nothing missed

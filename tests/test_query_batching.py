@@ -68,3 +68,31 @@ def test_low_rank_holds_less_memory_and_refuses_bad_ranks(setup):
     for bad in (0, -3, 1.5, True):
         with pytest.raises(GradIndexError, match="query rank"):
             low_rank(p, bad)
+
+
+def test_queries_beyond_the_memory_cap_are_scored_in_groups_with_the_same_numbers(monkeypatch):
+    import gradindex.scores as scores_module
+    from gradindex.data import tokenize_texts
+    from gradindex.fitting import fit_factors
+    from gradindex.layers import select_layers
+    from tiny import random_texts, tiny_model, word_tokenizer
+
+    model = tiny_model("llama", width=8, dtype=torch.float64)
+    tok = word_tokenizer()
+    train = tokenize_texts(tok, random_texts(10, seed=4), max_length=16)
+    queries = tokenize_texts(tok, random_texts(5, seed=5), max_length=16)
+    factors = fit_factors(model, train, select_layers(model), progress=False)
+    together = compute_scores(model, factors, train, queries, per_layer=True, per_token=True, progress=False)
+    per_query = 2 * 8 * sum(s.d_out * s.d_in for s in factors.specs)
+    assert [len(g) for g in scores_module.query_chunks(5, factors.specs, 8, memory=2 * per_query)] == [2, 2, 1]
+    monkeypatch.setattr(scores_module, "QUERY_MEMORY", 2 * per_query)  # two queries a group: three passes
+    calls = []
+    original = scores_module.score_preconditioned
+    monkeypatch.setattr(scores_module, "score_preconditioned", lambda *a, **k: calls.append(1) or original(*a, **k))
+    apart = compute_scores(model, factors, train, queries, per_layer=True, per_token=True, progress=False)
+    assert len(calls) == 3
+    np.testing.assert_allclose(apart.scores, together.scores, rtol=1e-6)
+    for name in together.per_layer:
+        np.testing.assert_allclose(apart.per_layer[name], together.per_layer[name], rtol=1e-6)
+    for a, b in zip(apart.per_token, together.per_token):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
