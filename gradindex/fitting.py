@@ -87,10 +87,12 @@ def fit_factors(
     for s in tqdm(layers, desc="eigendecomposition", disable=not progress, unit="layer"):
         a_vals, q_a = _eigh(cov_a.pop(s.name) / n_tokens)
         s_vals, q_s = _eigh(cov_s.pop(s.name) / n_tokens)
-        bases[s.name] = (a_vals, q_a, s_vals, q_s)
+        # Eigenvectors kept in the compute dtype only (what the correction pass rotates with and what is saved):
+        # float64 copies of every layer's bases would double the fit's peak memory on a real model.
+        bases[s.name] = (a_vals, q_a.to(dtype), s_vals, q_s.to(dtype))
 
     lam = {s.name: torch.zeros(s.d_out, s.d_in, dtype=torch.float64, device=device) for s in layers}
-    q_cast = {name: (q_a.to(dtype), q_s.to(dtype)) for name, (_, q_a, _, q_s) in bases.items()}
+    q_cast = {name: (q_a, q_s) for name, (_, q_a, _, q_s) in bases.items()}
 
     def correction(name: str, a: torch.Tensor, delta: torch.Tensor) -> None:
         lam[name] += rotated_sequence_gradients(a, delta, *q_cast[name]).square().sum(0).double()
