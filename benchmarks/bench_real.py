@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                                "--budget", a.budget, "--token-budget", str(a.token_budget), *device])
     result["cold_query"] = run(["query", str(index), "--prompt", FACT_QUERIES[0][0], "--completion", FACT_QUERIES[0][1], "--k2", str(a.k2), *device])
 
-    from gradindex import GradIndex, evaluate
+    from gradindex import GradIndex, Query, evaluate
     from gradindex.store import ShardReader
 
     opened = GradIndex.open(index, device=a.device, dtype=a.dtype)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     reader = ShardReader.of(index, m.build)
     codes = reader.codes(np.arange(m.n_rows)).astype(np.float32)
     for kind, qs in queries.items():
-        qlist = [opened_query(p, c) for p, c in qs]
+        qlist = [Query(p, c) for p, c in qs]
         started = time.perf_counter()
         exact = opened.all_scores(qlist, progress=True)
         brute = time.perf_counter() - started
@@ -209,12 +209,6 @@ def main(argv: list[str] | None = None) -> None:
         print(report.summary(), flush=True)
     a.out.write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps({k: v for k, v in result.items() if k not in ("fact", "text")}, indent=1, default=float))
-
-
-def opened_query(prompt, completion):
-    from gradindex import Query
-
-    return Query(prompt, completion)
 
 
 def prefix_recall(index, queries, codes: np.ndarray, exact: np.ndarray, depths=(10, 20, 50, 100)) -> dict:
