@@ -74,13 +74,16 @@ def fit_factors(
             capture(model, layers, batch, on_layer, sample_seed=sample_seed)
         return tokens
 
-    cov_a = {s.name: torch.zeros(s.d_in, s.d_in, dtype=torch.float64, device=device) for s in layers}
-    cov_s = {s.name: torch.zeros(s.d_out, s.d_out, dtype=torch.float64, device=device) for s in layers}
+    # Sums kept in float32 (float64 for a float64 model), as kronfluence keeps them: float64 sums of every
+    # layer's covariances and Λ are 2.6 GB on a 135M model, most of the fit's peak, for no measured gain.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cov_a = {s.name: torch.zeros(s.d_in, s.d_in, dtype=acc, device=device) for s in layers}
+    cov_s = {s.name: torch.zeros(s.d_out, s.d_out, dtype=acc, device=device) for s in layers}
 
     def covariances(name: str, a: torch.Tensor, delta: torch.Tensor) -> None:
-        a, d = a.reshape(-1, a.shape[-1]), delta.reshape(-1, delta.shape[-1])
-        cov_a[name] += (a.T @ a).double()
-        cov_s[name] += (d.T @ d).double()
+        a, d = a.reshape(-1, a.shape[-1]).to(acc), delta.reshape(-1, delta.shape[-1]).to(acc)
+        cov_a[name].addmm_(a.T, a)
+        cov_s[name].addmm_(d.T, d)
 
     n_tokens = passes("covariances", covariances)
     bases = {}
@@ -91,11 +94,11 @@ def fit_factors(
         # float64 copies of every layer's bases would double the fit's peak memory on a real model.
         bases[s.name] = (a_vals, q_a.to(dtype), s_vals, q_s.to(dtype))
 
-    lam = {s.name: torch.zeros(s.d_out, s.d_in, dtype=torch.float64, device=device) for s in layers}
+    lam = {s.name: torch.zeros(s.d_out, s.d_in, dtype=acc, device=device) for s in layers}
     q_cast = {name: (q_a, q_s) for name, (_, q_a, _, q_s) in bases.items()}
 
     def correction(name: str, a: torch.Tensor, delta: torch.Tensor) -> None:
-        lam[name] += rotated_sequence_gradients(a, delta, *q_cast[name]).square().sum(0).double()
+        lam[name] += rotated_sequence_gradients(a, delta, *q_cast[name]).square().sum(0).to(acc)
 
     passes("eigenvalue correction", correction)
     n_sequences = sum(len(rows) for rows in plan)  # sequences with a scored token
