@@ -1,26 +1,30 @@
-"""Which fixed-size code ranks like exact EK-FAC on a real model: the shipped eigen-entry truncation against two
-data-oblivious alternatives, at the same number of entries per sequence.
+"""Which fixed-size code keeps the exact EK-FAC top-10 on a real model: every scheme at the same number of
+entries per sequence, each with its own whitening damping, measured against exact scores at the user's damping.
 
-    python -m benchmarks.bench_code_schemes --model MODEL --factors FACTORS --data train.jsonl --queries q.jsonl
-                                            [--rows 300] [--budget 64K] [--out benchmarks/results/code_schemes.json]
+    python -m benchmarks.bench_code_schemes --model MODEL --factors FACTORS --data train.jsonl \
+        --queries fact.jsonl text.jsonl [--rows 1000] [--budget 64K] [--scales 1 10 100 1000] [--sketch-scales 1 100] \
+        [--out benchmarks/results/code_schemes.json]
 
-Schemes (every one spends the budget's ``code_dim`` entries, split evenly over layers for the last two):
+Schemes, for each damping scale s (the code whitens with λ_s = s × the factors' damping; exact scoring always
+uses s = 1):
 
-* ``eigen-entries``: what the index stores (``codeplan``): the entries of largest u = Λ/(Λ+λ) of all layers;
-* ``kron-random``: LoGra-style Kronecker projection per layer, Σ_t (M_S δ_t)(M_A a_t)ᵀ with
-  M = Rᵀ diag(w) Qᵀ, R Gaussian and w a separable fit of (Λ + λ)^-1/2 (log(Λ+λ) ≈ x_i + y_j): as cheap to
-  compute inside the capture as the eigen-entries;
-* ``sketch-full``: a CountSketch (torch's generator) of each layer's exact whitened W (the full rotated gradient is formed:
-  about one more forward+backward per sequence), an upper reference for data-oblivious codes.
+* ``exact``: the full whitened gradient, no compression: how much a heavier damping alone moves the top-10;
+* ``entries``: what the index stores (``codeplan``): the ``code_dim`` eigen-entries of largest Λ/(Λ + λ_s);
+* ``sketch``: a CountSketch of each layer's full whitened gradient, ``code_dim`` buckets shared over layers in
+  proportion to their Σ Λ/(Λ + λ_s) (the allocation that minimises the summed sketch variance);
+* ``hybrid``: half the entries as in ``entries``, the other half a CountSketch of everything else;
+* ``kron``: LoGra-style Kronecker Gaussian projection per layer, Σ_t (M_S δ_t)(M_A a_t)ᵀ, with a separable
+  fit of (Λ + λ_s)^-1/2 folded into M (as cheap inside the capture as the entries).
 
-Reported per scheme and query kind: Spearman with the exact scores over the rows, and the share of the exact
-top-10 inside the scheme's top-d (mean and worst query), proponents and opponents.
+Reported per scheme, query kind and side: the share of the exact top-10 inside the scheme's top-d (mean,
+worst query), d = 10, 20, 50, 100, 200, and the Spearman correlation with the exact scores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,94 +33,232 @@ from scipy.stats import spearmanr
 
 from gradindex import CompressionConfig, Factors, load_model
 from gradindex.capture import capture
-from gradindex.compress import Compressor
 from gradindex.data import collate, load_queries, load_texts, plan_batches, tokenize_queries, tokenize_texts
 from gradindex.factors import rotated_sequence_gradients
 from gradindex.options import parse_size
-from gradindex.scores import compute_scores
+
+DEPTHS = (10, 20, 50, 100, 200)
 
 
-def separable_whitening(factors: Factors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    f = factors.layers[name]
-    log = torch.log(f.lam.double() + factors.damping(name))
-    x = log.mean(1)
-    y = log.mean(0) - log.mean()
-    return torch.exp(-x / 2).float(), torch.exp(-y / 2).float()
+class Schemes:
+    """Every scheme's code of one layer's rotated gradients, for all damping scales at once."""
+
+    def __init__(self, factors: Factors, dim: int, scales: list[float], sketch_scales: list[float], seed: int = 0):
+        self.factors, self.dim, self.scales = factors, dim, scales
+        specs = factors.specs
+        gen = torch.Generator().manual_seed(seed)
+        self.inv, self.rsqrt = {}, {}  # (name, s) -> 1 / (Λ + λ_s) and its square root, flattened
+        u = {}
+        for spec in specs:
+            lam = factors.layers[spec.name].lam.double().flatten()
+            for s in scales:
+                d = lam + factors.damping(spec.name) * s
+                self.inv[spec.name, s] = (1 / d).float()
+                self.rsqrt[spec.name, s] = d.rsqrt().float()
+                u[spec.name, s] = (lam / d)
+        self.plans: dict[str, dict] = {}  # scheme@s -> {name: (...)}
+        self.perm, self.signs = {}, {}
+        for s in scales:
+            allu = torch.cat([u[spec.name, s] for spec in specs])
+            owner = torch.cat([torch.full((spec.d_out * spec.d_in,), i) for i, spec in enumerate(specs)])
+            offset = np.cumsum([0] + [spec.d_out * spec.d_in for spec in specs])
+            for scheme, n_top in (("entries", dim), ("hybrid", dim // 2)) if s in sketch_scales else (("entries", dim),):
+                top = torch.topk(allu, n_top).indices
+                plan, slot = {}, 0
+                rest = dim - n_top
+                totals = {spec.name: float(u[spec.name, s].sum()) for spec in specs}
+                for i, spec in enumerate(specs):
+                    mine = top[owner[top] == i] - int(offset[i])
+                    entry = (mine, torch.arange(slot, slot + len(mine)))
+                    slot += len(mine)
+                    plan[spec.name] = [entry, None]
+                    if scheme == "hybrid":
+                        totals[spec.name] -= float(u[spec.name, s][mine].sum())
+                if rest:
+                    plan = self._sketch_plan(specs, plan, totals, slot, rest, gen)
+                self.plans[f"{scheme}@{s:g}"] = plan
+            if s not in sketch_scales:
+                continue
+            totals = {spec.name: float(u[spec.name, s].sum()) for spec in specs}
+            self.plans[f"sketch@{s:g}"] = self._sketch_plan(specs, {spec.name: [None, None] for spec in specs}, totals, 0, dim, gen)
+        self.kron = {}
+        k = max(1, int((dim / len(specs)) ** 0.5))
+        self.kron_k = k
+        for s in (scales[0], scales[-1]):
+            m = {}
+            for spec in specs:
+                f = factors.layers[spec.name]
+                log = torch.log(f.lam.double() + factors.damping(spec.name) * s)
+                w_s, w_a = torch.exp(-(log.mean(1)) / 2), torch.exp(-(log.mean(0) - log.mean()) / 2)
+                r_s = torch.randn(spec.d_out, k, generator=gen, dtype=torch.float64) / k**0.5
+                r_a = torch.randn(spec.d_in, k, generator=gen, dtype=torch.float64) / k**0.5
+                m[spec.name] = (((f.q_s.double() * w_s) @ r_s).float(), ((f.q_a.double() * w_a) @ r_a).float())
+            self.kron[f"kron@{s:g}"] = m
+
+    def _sketch_plan(self, specs, plan, totals, start, width, gen):
+        """Buckets of equal size over a random permutation of each layer's entries (a CountSketch whose
+        buckets are balanced: a gather and a sum instead of a scatter), ``width`` slots shared in proportion to
+        ``totals``."""
+        weights = np.array([max(totals[spec.name], 0.0) for spec in specs])
+        share = np.floor(weights / weights.sum() * width).astype(int)
+        share[np.argsort(-weights)[: width - share.sum()]] += 1
+        slot = start
+        for spec, m in zip(specs, share):
+            n = spec.d_out * spec.d_in
+            if spec.name not in self.perm:
+                self.perm[spec.name] = torch.randperm(n, generator=gen)
+                self.signs[spec.name] = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+            signs = self.signs[spec.name]
+            if plan[spec.name][0] is not None and len(plan[spec.name][0][0]):
+                signs = signs.clone()
+                signs[plan[spec.name][0][0]] = 0  # kept exactly already
+            plan[spec.name][1] = (slot, int(m), signs) if m else None
+            slot += int(m)
+        return plan
+
+    def add_entries(self, key: str, weight: dict[str, torch.Tensor]) -> None:
+        """An entries scheme that keeps the ``dim`` entries of largest ``weight`` (per layer, flattened)."""
+        specs = self.factors.specs
+        allw = torch.cat([weight[spec.name].flatten().double() for spec in specs])
+        top = torch.topk(allw, self.dim).indices
+        owner = torch.cat([torch.full((spec.d_out * spec.d_in,), i) for i, spec in enumerate(specs)])
+        offset = np.cumsum([0] + [spec.d_out * spec.d_in for spec in specs])
+        plan, slot = {}, 0
+        for i, spec in enumerate(specs):
+            mine = top[owner[top] == i] - int(offset[i])
+            plan[spec.name] = [(mine, torch.arange(slot, slot + len(mine))), None]
+            slot += len(mine)
+        self.plans[key] = plan
+
+    def names(self) -> list[str]:
+        return [f"exact@{s:g}" for s in self.scales] + list(self.plans) + list(self.kron)
+
+    def layer(self, name: str, a: torch.Tensor, delta: torch.Tensor, rotated: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        """Add one layer's contribution to every scheme's codes ``out[scheme]`` (B, dim)."""
+        flat = rotated.flatten(1)
+        for key, plan in self.plans.items():
+            s = float(key.split("@")[1])
+            w = flat * self.rsqrt[name, s]
+            entry, sketch = plan[name]
+            if entry is not None and len(entry[0]):
+                out[key][:, entry[1]] = w[:, entry[0]]
+            if sketch is not None:
+                slot, m, signs = sketch
+                c = -(-w.shape[1] // m)
+                g = (w * signs)[:, self.perm[name]]
+                g = torch.nn.functional.pad(g, (0, m * c - g.shape[1]))
+                out[key][:, slot : slot + m] = g.view(len(g), m, c).sum(-1)
+        for key, m in self.kron.items():
+            i = [spec.name for spec in self.factors.specs].index(name)
+            k2 = self.kron_k**2
+            out[key][:, i * k2 : (i + 1) * k2] = torch.einsum("bto,bti->boi", delta @ m[name][0], a @ m[name][1]).flatten(1)
 
 
-def codes(lm, factors: Factors, data, config: CompressionConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    dim = config.code_dim
-    specs = factors.specs
-    per_layer = max(1, dim // len(specs))
-    k = max(1, int(per_layer**0.5))
-    gen = torch.Generator().manual_seed(seed)
-    kron, sketch = {}, {}
-    for s in specs:
-        f = factors.layers[s.name]
-        w_s, w_a = separable_whitening(factors, s.name)
-        r_s = torch.randn(s.d_out, k, generator=gen) / k**0.5
-        r_a = torch.randn(s.d_in, k, generator=gen) / k**0.5
-        kron[s.name] = ((f.q_s.float() * w_s) @ r_s, (f.q_a.float() * w_a) @ r_a)  # δ @ this, a @ this
-        buckets = torch.randint(0, per_layer, (s.d_out * s.d_in,), generator=gen)
-        signs = torch.randint(0, 2, (s.d_out * s.d_in,), generator=gen).float() * 2 - 1
-        scale = (f.lam.float() + factors.damping(s.name)).rsqrt().flatten()
-        sketch[s.name] = (buckets, signs * scale)
-    out = {"eigen-entries": Compressor(factors, config).encode(lm.model, data)[0].astype(np.float32)}
-    out["kron-random"] = np.zeros((len(data), len(specs) * k * k), np.float32)
-    out["sketch-full"] = np.zeros((len(data), len(specs) * per_layer), np.float32)
-    bases = {n: (f.q_a.float(), f.q_s.float()) for n, f in factors.layers.items()}
-    index = {s.name: i for i, s in enumerate(specs)}
-    for rows in plan_batches(data, 512):
-        def on_layer(name, a, delta):
-            i = index[name]
-            m_s, m_a = kron[name]
-            block = torch.einsum("bto,bti->boi", delta @ m_s, a @ m_a).flatten(1)
-            out["kron-random"][rows, i * k * k : (i + 1) * k * k] = block.numpy()
-            w = rotated_sequence_gradients(a, delta, *bases[name]).flatten(1) * sketch[name][1]
-            folded = torch.zeros(len(rows), per_layer).index_add_(1, sketch[name][0], w)
-            out["sketch-full"][rows, i * per_layer : (i + 1) * per_layer] = folded.numpy()
-
-        capture(lm.model, specs, collate(data, rows), on_layer)
-    return out
-
-
-def measure(approx: np.ndarray, exact: np.ndarray, depths=(10, 20, 50, 100)) -> dict:
-    out = {}
-    for sign, side in ((1, "proponents"), (-1, "opponents")):
-        for d in depths:
-            recalls = [len(set(np.argsort(-sign * e)[:10]) & set(np.argsort(-sign * a)[:d])) / 10 for a, e in zip(approx, exact)]
-            out[f"{side} top{d}"] = {"mean": float(np.mean(recalls)), "worst": float(np.min(recalls))}
-    out["spearman"] = float(np.mean([spearmanr(a, e).statistic for a, e in zip(approx, exact)]))
-    return out
-
-
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--factors", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--queries", nargs="+", required=True, help="jsonl files of queries, one kind each (named by the file)")
-    p.add_argument("--rows", type=int, default=300)
-    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--queries", nargs="+", required=True, help="query jsonl files, one kind each (named by the file's stem)")
+    p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--budget", default="64K")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 10.0, 100.0, 1000.0])
+    p.add_argument("--energy-data", help="also measure entries chosen by their mean square W² over these sequences' true-label gradients")
+    p.add_argument("--energy-rows", type=int, default=100)
+    p.add_argument("--sketch-scales", type=float, nargs="*", default=[1.0, 100.0], help="the scales the sketch and hybrid schemes are measured at")
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--token-budget", type=int, default=1024)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/code_schemes.json"))
     a = p.parse_args(argv)
+    torch.manual_seed(0)
+    started = time.perf_counter()
     lm = load_model(a.model)
     factors = Factors.load(a.factors)
-    texts = load_texts(a.data)["text"][: a.rows]
-    data = tokenize_texts(lm.tokenizer, texts, a.max_length)
-    config = CompressionConfig(budget=parse_size(a.budget))
-    stored = codes(lm, factors, data, config)
-    result = {"rows": len(data), "code_dim": config.code_dim, "budget": a.budget, "kinds": {}}
-    for path in a.queries:
-        queries = load_queries(path)
-        tokenized = tokenize_queries(lm.tokenizer, queries, 64)
-        exact = compute_scores(lm.model, factors, data, tokenized, progress=False).scores
-        query_codes = codes(lm, factors, tokenized, config)
-        kind = Path(path).stem
-        result["kinds"][kind] = {name: measure(query_codes[name] @ stored[name].T, exact) for name in stored}
-        print(kind, json.dumps({n: {k: v for k, v in m.items() if k in ("spearman", "proponents top20", "opponents top20")}
-                                for n, m in result["kinds"][kind].items()}), flush=True)
+    specs, names = factors.specs, [s.name for s in factors.specs]
+    dim = CompressionConfig(budget=parse_size(a.budget)).code_dim
+    schemes = Schemes(factors, dim, a.scales, a.sketch_scales)
+    data = tokenize_texts(lm.tokenizer, load_texts(a.data)["text"][: a.rows], a.max_length)
+    kinds = {Path(q).stem: load_queries(q) for q in a.queries}
+    queries = [q for qs in kinds.values() for q in qs]
+    qset = tokenize_queries(lm.tokenizer, queries, 64)
+    bases = {n: (factors.layers[n].q_a.float(), factors.layers[n].q_s.float()) for n in names}
+    if a.energy_data:
+        energy_set = tokenize_texts(lm.tokenizer, load_texts(a.energy_data)["text"][: a.energy_rows], a.max_length)
+        energy = {s.name: torch.zeros(s.d_out * s.d_in) for s in specs}
+
+        def accumulate(name, a_, d_):
+            energy[name] += (rotated_sequence_gradients(a_, d_, *bases[name]).flatten(1).square() * schemes.inv[name, a.scales[0]]).sum(0)
+
+        for rows in plan_batches(energy_set, a.token_budget):
+            capture(lm.model, specs, collate(energy_set, rows), accumulate)
+        schemes.add_entries(f"data-entries@{a.scales[0]:g}", energy)
+        u_energy = {s.name: energy[s.name] * (factors.layers[s.name].lam.flatten() * schemes.inv[s.name, a.scales[0]]) for s in specs}
+        schemes.add_entries(f"data-u-entries@{a.scales[0]:g}", u_energy)
+        print(f"energy of {len(energy_set)} sequences in {time.perf_counter() - started:.0f} s", flush=True)
+    keys = schemes.names()
+    n_q = len(queries)
+
+    # the queries' rotated gradients, float16 (the truth's inner products average that rounding away)
+    q_rot = {s.name: torch.zeros(n_q, s.d_out, s.d_in, dtype=torch.float16) for s in specs}
+    q_codes = {k: torch.zeros(n_q, dim) for k in keys if not k.startswith("exact")}
+    for rows in plan_batches(qset, a.token_budget):
+        out = {k: torch.zeros(len(rows), dim) for k in q_codes}
+
+        def keep_query(name, a_, d_):
+            r = rotated_sequence_gradients(a_, d_, *bases[name])
+            q_rot[name][rows] = r.half()
+            schemes.layer(name, a_, d_, r, out)
+
+        capture(lm.model, specs, collate(qset, rows), keep_query)
+        for k in q_codes:
+            q_codes[k][rows] = out[k]
+    print(f"queries embedded in {time.perf_counter() - started:.0f} s", flush=True)
+
+    scores = {k: np.zeros((n_q, len(data))) for k in keys}
+    batches = list(plan_batches(data, a.token_budget))
+    for b, rows in enumerate(batches):
+        out = {k: torch.zeros(len(rows), dim) for k in q_codes}
+
+        def keep_row(name, a_, d_):
+            r = rotated_sequence_gradients(a_, d_, *bases[name])
+            schemes.layer(name, a_, d_, r, out)
+            flat, qf = r.flatten(1), q_rot[name].flatten(1).float()
+            for s in a.scales:
+                scores[f"exact@{s:g}"][:, rows] += ((qf * schemes.inv[name, s]) @ flat.T).double().numpy()
+
+        capture(lm.model, specs, collate(data, rows), keep_row)
+        for k in q_codes:
+            scores[k][:, rows] = (q_codes[k] @ out[k].T).double().numpy()
+        if b % 5 == 0:
+            print(f"batch {b + 1}/{len(batches)} ({rows[-1] + 1} rows) {time.perf_counter() - started:.0f} s", flush=True)
+
+    truth = scores["exact@1"]
+    result = {"model": a.model, "rows": len(data), "code_dim": dim, "budget": a.budget, "queries": {k: len(v) for k, v in kinds.items()},
+              "kron_k": schemes.kron_k, "schemes": {}}
+    start = 0
+    spans = {}
+    for kind, qs in kinds.items():
+        spans[kind] = range(start, start + len(qs))
+        start += len(qs)
+    for key in keys:
+        entry = {}
+        for kind, span in spans.items():
+            for sign, side in ((1, "proponents"), (-1, "opponents")):
+                rec = {d: [] for d in DEPTHS}
+                rhos = []
+                for qi in span:
+                    t, s = sign * truth[qi], sign * scores[key][qi]
+                    top = set(np.argsort(-t)[:10].tolist())
+                    order = np.argsort(-s)
+                    for d in DEPTHS:
+                        rec[d].append(len(top & set(order[:d].tolist())) / 10)
+                    rhos.append(spearmanr(t, s).statistic)
+                entry[f"{kind} {side}"] = {"spearman": float(np.mean(rhos)),
+                                           **{f"top{d}": {"mean": float(np.mean(v)), "worst": float(np.min(v))} for d, v in rec.items()}}
+        result["schemes"][key] = entry
+        line = "  ".join(f"{ks}: {e['top50']['mean']:.2f}/{e['top50']['worst']:.1f} ρ{e['spearman']:.2f}" for ks, e in entry.items())
+        print(f"{key:>14}  top-10 in top-50 (mean/worst)  {line}", flush=True)
+    result["seconds"] = time.perf_counter() - started
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
 

@@ -9,6 +9,9 @@ largest first (a prefix is the best shorter code).
 For random pairs that is the least-error linear code of its size (the coordinates are uncorrelated with
 variances u, so this is PCA); a CountSketch of more entries into the same slots always predicts more error
 (Σ_sketched u)²/slots than the truncation it replaces, so there is none. Each layer's share follows from Λ.
+Measured on SmolLM2-135M at 64 KiB (``benchmarks/bench_code_schemes.py``, README): CountSketches of the full
+whitened gradient, LoGra-style Kronecker projections, half-and-half hybrids, heavier code damping and entries
+chosen by the training data's own energy all rank worse than this truncation.
 """
 
 
