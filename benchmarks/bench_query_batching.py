@@ -4,8 +4,9 @@ All 80 benchmark queries (40 planted facts, 40 text continuations) are scored in
 sample of the 100k benchmark corpus, with full preconditioned query gradients and with each layer's
 cut to rank r by SVD (the fastest of ``--repeats`` passes each). Per query: Spearman of the rank-r scores vs full over the sample, and the share of
 the full top-10 in the rank-r top-10. Memory is what the held query gradients take; time is the whole
-pass (forward+backward of the sample + contractions), per-sequence and per-token scores. Needs the
-index built by ``benchmarks.bench_index`` (its model, factors and stored token ids).
+pass (forward+backward of the sample + contractions), per-sequence and per-token scores. Needs an
+index of the 100k benchmark corpus (its model, factors and stored token ids), such as the one
+``python -m benchmarks.bench_real --tiny100k`` builds, given with ``--index``.
 
     python -m benchmarks.bench_query_batching --threads 2 --out benchmarks/results/query_batching.json
 """

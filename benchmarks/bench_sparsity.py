@@ -1,8 +1,9 @@
 """How concentrated influence is (Grosse et al. 2023 §5.2), and whether the report's fast estimate shows it.
 
 For every benchmark query, the sparsity of its influence over the whole 100k corpus (share of Σ|I| in the
-top 0.1 / 1 / 10 % of sequences, power-law tail exponent) from brute-force exact scores (``exact.npy``
-cached by ``benchmarks.bench_index``), from the stage-1 vectors (one pass over them), and, for the first
+top 0.1 / 1 / 10 % of sequences, power-law tail exponent) from brute-force exact scores (``--work`` holds
+an index of that corpus as ``index/``, e.g. the one ``bench_real --tiny100k`` builds, and its exact scores of
+these queries as ``exact.npy``), from the stage-1 vectors (one pass over them), and, for the first
 ``--estimated`` queries of each kind, from the stratified estimate ``gradindex report`` draws by default
 (the cascades' rescored shortlists + 1,000 random sequences, scored exactly); averaged per kind of query.
 
