@@ -59,23 +59,12 @@ class Schemes:
         self.plans: dict[str, dict] = {}  # scheme@s -> {name: (...)}
         self.perm, self.signs = {}, {}
         for s in scales:
-            allu = torch.cat([u[spec.name, s] for spec in specs])
-            owner = torch.cat([torch.full((spec.d_out * spec.d_in,), i) for i, spec in enumerate(specs)])
-            offset = np.cumsum([0] + [spec.d_out * spec.d_in for spec in specs])
+            weight = {spec.name: u[spec.name, s] for spec in specs}
             for scheme, n_top in (("entries", dim), ("hybrid", dim // 2)) if s in sketch_scales else (("entries", dim),):
-                top = torch.topk(allu, n_top).indices
-                plan, slot = {}, 0
-                rest = dim - n_top
-                totals = {spec.name: float(u[spec.name, s].sum()) for spec in specs}
-                for i, spec in enumerate(specs):
-                    mine = top[owner[top] == i] - int(offset[i])
-                    entry = (mine, torch.arange(slot, slot + len(mine)))
-                    slot += len(mine)
-                    plan[spec.name] = [entry, None]
-                    if scheme == "hybrid":
-                        totals[spec.name] -= float(u[spec.name, s][mine].sum())
-                if rest:
-                    plan = self._sketch_plan(specs, plan, totals, slot, rest, gen)
+                plan, slot = self._top_entries(weight, n_top)
+                if n_top < dim:  # the rest of the slots sketch what the kept entries leave
+                    totals = {n: float(w.sum() - w[plan[n][0][0]].sum()) for n, w in weight.items()}
+                    plan = self._sketch_plan(specs, plan, totals, slot, dim - n_top, gen)
                 self.plans[f"{scheme}@{s:g}"] = plan
             if s not in sketch_scales:
                 continue
@@ -116,11 +105,10 @@ class Schemes:
             slot += int(m)
         return plan
 
-    def add_entries(self, key: str, weight: dict[str, torch.Tensor]) -> None:
-        """An entries scheme that keeps the ``dim`` entries of largest ``weight`` (per layer, flattened)."""
+    def _top_entries(self, weight: dict[str, torch.Tensor], n_top: int) -> tuple[dict, int]:
+        """A plan keeping the ``n_top`` entries of largest ``weight`` over all layers, and the slots it filled."""
         specs = self.factors.specs
-        allw = torch.cat([weight[spec.name].flatten().double() for spec in specs])
-        top = torch.topk(allw, self.dim).indices
+        top = torch.topk(torch.cat([weight[spec.name].flatten().double() for spec in specs]), n_top).indices
         owner = torch.cat([torch.full((spec.d_out * spec.d_in,), i) for i, spec in enumerate(specs)])
         offset = np.cumsum([0] + [spec.d_out * spec.d_in for spec in specs])
         plan, slot = {}, 0
@@ -128,7 +116,11 @@ class Schemes:
             mine = top[owner[top] == i] - int(offset[i])
             plan[spec.name] = [(mine, torch.arange(slot, slot + len(mine))), None]
             slot += len(mine)
-        self.plans[key] = plan
+        return plan, slot
+
+    def add_entries(self, key: str, weight: dict[str, torch.Tensor]) -> None:
+        """An entries scheme that keeps the ``dim`` entries of largest ``weight`` (per layer, flattened)."""
+        self.plans[key] = self._top_entries(weight, self.dim)[0]
 
     def names(self) -> list[str]:
         return [f"exact@{s:g}" for s in self.scales] + list(self.plans) + list(self.kron)
