@@ -8,6 +8,7 @@ then: no more than one layer's output gradients exist at a time.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -84,6 +85,10 @@ def _graph_without_parameter_grads(model: nn.Module) -> Iterator[list[torch.Tens
 LayerFn = Callable[[str, torch.Tensor, torch.Tensor], None]
 InputTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
+# One capture at a time in a process: the hooks sit on modules every caller shares (a second thread's
+# forward would write into the first one's buffers) and parameter flags are toggled for the duration.
+_CAPTURE_LOCK = threading.RLock()
+
 
 def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, on_layer: LayerFn, *,
             transform: InputTransform | None = None, sample_seed: int | None = None) -> None:
@@ -122,20 +127,21 @@ def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, on_layer: L
         return keep
 
     device, dtype = device_and_dtype(model)
-    try:
-        handles = [modules[s.name].register_forward_hook(forward_hook(s)) for s in layers]
-        with torch.enable_grad(), _graph_without_parameter_grads(model) as embedded:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logits = logits.to(_compute_dtype(logits))
-            labels = batch.labels
-            if sample_seed is not None:
-                labels = sample_labels(logits, labels, [sample_seed + r for r in batch.rows])
-            loss = summed_nll(logits, labels)
-            if loss.requires_grad:
-                torch.autograd.grad(loss, embedded, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+    with _CAPTURE_LOCK:
+        try:
+            handles = [modules[s.name].register_forward_hook(forward_hook(s)) for s in layers]
+            with torch.enable_grad(), _graph_without_parameter_grads(model) as embedded:
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                logits = logits.to(_compute_dtype(logits))
+                labels = batch.labels
+                if sample_seed is not None:
+                    labels = sample_labels(logits, labels, [sample_seed + r for r in batch.rows])
+                loss = summed_nll(logits, labels)
+                if loss.requires_grad:
+                    torch.autograd.grad(loss, embedded, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
     for name, spec in list(pending.items()):  # outputs the loss does not depend on: zero gradient
         if name in inputs:
             a = inputs.pop(name)
