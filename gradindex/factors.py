@@ -124,11 +124,12 @@ class Factors:
         tensors hash to it.
         """
         directory = Path(directory)
+        _check_finite(self.layers, "fitted factors (NaN or infinite weights or activations in the model or data?)")
         dtype = getattr(torch, self.config.factor_dtype)
         tensors = {
             f"{name}.{key}": value.to(dtype).contiguous()
             for name, f in self.layers.items()
-            for key, value in asdict(f).items()
+            for key, value in _tensors(f).items()
         }
         with atomic_write(directory / FACTORS_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "gradindex-ekfac"})
@@ -154,7 +155,20 @@ class Factors:
                 layers[spec.name] = LayerFactors(**{k: tensors[f"{spec.name}.{k}"] for k in LayerFactors.__dataclass_fields__})
             except KeyError as e:
                 raise GradIndexError(f"factors in {directory} are incomplete: missing {e.args[0]}") from None
+        _check_finite(layers, f"factors in {directory} (the file is damaged; refit or restore it)")
         return cls(layers, config)
+
+
+def _tensors(f: LayerFactors) -> dict[str, torch.Tensor]:
+    """A layer's tensors by field name (``dataclasses.asdict`` would deep-copy every one of them)."""
+    return {k: getattr(f, k) for k in LayerFactors.__dataclass_fields__}
+
+
+def _check_finite(layers: dict[str, LayerFactors], what: str) -> None:
+    for name, f in layers.items():
+        for key, value in _tensors(f).items():
+            if not torch.isfinite(value).all():
+                raise GradIndexError(f"{what}: {name}.{key} holds NaN or infinite values")
 
 
 def has_factors(directory: str | Path) -> bool:

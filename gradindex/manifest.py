@@ -30,6 +30,12 @@ class FileEntry:
     bytes: int
     sha256: str
 
+    def __post_init__(self):
+        # A name from a manifest is joined to the index folder: it must not reach outside it.
+        parts = Path(str(self.name)).parts
+        if not parts or Path(str(self.name)).is_absolute() or ".." in parts or "\\" in str(self.name):
+            raise GradIndexError(f"file entry {self.name!r} points outside the index folder")
+
     @classmethod
     def of(cls, root: Path, path: Path) -> "FileEntry":
         return cls(path.relative_to(root).as_posix(), path.stat().st_size, sha256(path))

@@ -103,7 +103,7 @@ class GradIndex:
         self.faiss_index = faiss_index
         self.token_budget = token_budget
         self.compressor = Compressor(factors, manifest.compression)
-        self.reader = store.ShardReader.of(root, manifest.build)
+        self.reader = store.ShardReader.of(root, manifest.build, manifest.shards)
         self.candidates = Candidates(self.reader, manifest.tokens_fingerprint)
         self.n = manifest.n_rows
         self.max_query_length = lm.max_length(None)
@@ -115,6 +115,7 @@ class GradIndex:
         root = Path(path)
         manifest = store.load_manifest(root)
         store.check_sizes(root, manifest)
+        store.check_hashes(root, [*manifest.factors_files, manifest.index.file])  # what is read whole on open; shards on first read
         lm = load_model(model or manifest.build.model, tokenizer, dtype=dtype, device=device)
         if lm.model_hash != manifest.build.model_hash:
             raise GradIndexError(f"index {root} was built for another model (weights hash differs from {manifest.build.model!r})")

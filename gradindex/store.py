@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,7 +32,7 @@ from . import ann
 from .data import TokenizedSet
 from .errors import GradIndexError
 from .factors import CONFIG_FILE, FACTORS_FILE
-from .files import atomic_write, read_json, write_json
+from .files import atomic_write, read_json, sha256, write_json
 from .lexical import Lexical
 from .manifest import FILE_KINDS, BuildConfig, FaissEntry, FileEntry, Manifest, ShardRecord
 
@@ -131,18 +132,26 @@ def read_faiss(root: Path, manifest: Manifest, use_gpu: bool = False):
 
 
 def write_lexical(root: Path, lexical: Lexical, fingerprint: str) -> None:
-    """``lexical/``, tagged with the fingerprint of the tokens it was fitted on, so a rebuilt index never reads a stale one."""
+    """``lexical/``, tagged with the fingerprint of the tokens it was fitted on (a rebuilt index never reads a
+    stale one) and the sha256 of its files (a damaged one is never read)."""
     with atomic_write(Path(root) / LEXICAL_DIR) as tmp:
         lexical.save(tmp)
-        write_json(tmp / "lexical.json", {"fingerprint": fingerprint, "rows": lexical.matrix.shape[0]}, indent=None)
+        hashes = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
+        write_json(tmp / "lexical.json", {"fingerprint": fingerprint, "rows": lexical.matrix.shape[0], "sha256": hashes}, indent=None)
 
 
 def read_lexical(root: Path, fingerprint: str) -> Lexical | None:
-    """The stored TF-IDF of the index with this tokens fingerprint, or None if absent, unreadable or stale."""
+    """The stored TF-IDF of the index with this tokens fingerprint, or None if absent, unreadable, damaged or
+    stale (it is derived data: the caller rebuilds it from the metadata)."""
     directory = Path(root) / LEXICAL_DIR
     try:
-        return Lexical.load(directory) if read_json(directory / "lexical.json")["fingerprint"] == fingerprint else None
-    except (GradIndexError, OSError, ValueError, KeyError, TypeError):
+        record = read_json(directory / "lexical.json")
+        hashes = record["sha256"]
+        present = {p.name for p in directory.iterdir()} - {"lexical.json"}
+        if record["fingerprint"] != fingerprint or present != set(hashes) or any(sha256(directory / n) != h for n, h in hashes.items()):
+            return None
+        return Lexical.load(directory)
+    except (GradIndexError, OSError, ValueError, KeyError, TypeError, EOFError):
         return None
 
 
@@ -204,6 +213,13 @@ def check_sizes(root: Path, manifest: Manifest) -> None:
                                  f"{f.bytes}: truncated or corrupt")
 
 
+def check_hashes(root: Path, entries: Sequence[FileEntry]) -> None:
+    """Refuse files whose bytes differ from what the index vouches for (a flipped bit must never become an answer)."""
+    for f in entries:
+        if (problem := f.problem(Path(root), rehash=True)) is not None:
+            raise GradIndexError(f"index at {root} is damaged ({problem}); `gradindex verify` lists every damaged file")
+
+
 def verify(root: Path) -> list[str]:
     """Re-hash every file against the manifest; returns the problems found (empty when sound)."""
     manifest = load_manifest(Path(root))
@@ -215,17 +231,25 @@ def verify(root: Path) -> list[str]:
 class ShardReader:
     """Read access to an index's shards by global row: metadata, token ids, codes and their stage-1 prefixes.
 
-    Arrays are memory-mapped and only the requested rows (and prefixes) are read.
+    Arrays are memory-mapped and only the requested rows (and prefixes) are read. Given the shard records, a
+    shard file is re-hashed the first time it is read (once per reader), so damage is refused, not answered.
     """
 
-    def __init__(self, root: Path, shard_size: int, n_shards: int, stage1_dim: int | None):
+    def __init__(self, root: Path, shard_size: int, n_shards: int, stage1_dim: int | None,
+                 records: Sequence[ShardRecord] | None = None):
         self.root, self.shard_size, self.n_shards, self._stage1_dim = Path(root), shard_size, n_shards, stage1_dim
         self._meta: dict[int, pa.Table] = {}
         self._arrays: dict[str, list[np.ndarray]] = {}
+        self._unchecked = {(r.shard, kind): f for r in records for kind, f in r.files.items()} if records is not None else {}
+        self._check_lock = threading.Lock()
 
     @classmethod
-    def of(cls, root: Path, config: BuildConfig) -> "ShardReader":
-        return cls(root, config.shard_size, config.n_shards, config.compression.stage1_dim)
+    def of(cls, root: Path, config: BuildConfig, records: Sequence[ShardRecord] | None = None) -> "ShardReader":
+        return cls(root, config.shard_size, config.n_shards, config.compression.stage1_dim, records)
+
+    def _check(self, shards, kind: str) -> None:
+        with self._check_lock:  # a file is hashed once even when threads ask for it together
+            check_hashes(self.root, [self._unchecked.pop((int(j), kind)) for j in shards if (int(j), kind) in self._unchecked])
 
     @property
     def stage1_dim(self) -> int:
@@ -233,6 +257,7 @@ class ShardReader:
 
     def meta(self, j: int) -> pa.Table:
         if j not in self._meta:
+            self._check([j], "meta")
             try:
                 table = pq.read_table(shard_path(self.root, j, "meta"), memory_map=True)
             except Exception as e:
@@ -274,16 +299,19 @@ class ShardReader:
 
     def vector_blocks(self) -> Iterator[np.ndarray]:
         """Every stage-1 vector as float32, a shard at a time, in row order."""
-        return (np.ascontiguousarray(v[:, : self.stage1_dim], dtype=np.float32) for v in self._mapped("codes"))
+        for j, v in enumerate(self._mapped("codes")):
+            self._check([j], "codes")
+            yield np.ascontiguousarray(v[:, : self.stage1_dim], dtype=np.float32)
 
     def texts(self) -> Iterator[str]:
         """Every stored text, in row order."""
         for j in range(self.n_shards):
+            self._check([j], "meta")
             yield from pq.read_table(shard_path(self.root, j, "meta"), columns=["text"]).column("text").to_pylist()
 
     def _mapped(self, kind: str) -> list[np.ndarray]:
         if kind not in self._arrays:
-            self._arrays[kind] = [np.load(shard_path(self.root, j, kind), mmap_mode="r") for j in range(self.n_shards)]
+            self._arrays[kind] = [_map_array(shard_path(self.root, j, kind)) for j in range(self.n_shards)]
         return self._arrays[kind]
 
     def _read(self, kind: str, rows: Sequence[int], width: int | None) -> np.ndarray:
@@ -292,9 +320,20 @@ class ShardReader:
         width = width or arrays[0].shape[1]
         out = np.empty((len(rows), width), dtype=arrays[0].dtype)
         shard = rows // self.shard_size
+        self._check(np.unique(shard), kind)
         for j in np.unique(shard):
             where = np.nonzero(shard == j)[0]
             local = rows[where] - j * self.shard_size
             order = np.argsort(local)  # ascending reads are kinder to the page cache
             out[where[order]] = arrays[j][local[order], :width]
         return out
+
+
+def _map_array(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise GradIndexError(f"cannot read {path} ({type(e).__name__}: {e}); `gradindex verify` lists every damaged file") from None
+    if array.ndim != 2:
+        raise GradIndexError(f"{path} holds an array of shape {array.shape}, not one code per row; the file is damaged")
+    return array

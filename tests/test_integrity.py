@@ -1,10 +1,18 @@
 """What an index guarantees to the people who share it: concurrent use equals sequential use, and damaged
 or odd input ends in one clear line instead of a wrong answer."""
 
+import json
 import random
+import shutil
 import threading
 
 import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
 
 WORDS = "the king of the north wrote a book music by old composer red blue river".split()
 
@@ -49,3 +57,62 @@ def test_one_index_shared_by_8_threads_answers_exactly_as_sequentially(index):
     assert concurrent == sequential
     assert [p.requires_grad for p in index.lm.model.parameters()] == flags  # nothing left frozen behind
     assert np.isfinite([row[1] for a in sequential for row in a[:-1]]).all()
+
+
+# -- damaged files: refused before an answer ------------------------------------------------------
+
+def damaged_copy(ws, tmp_path, name: str, where: str = "middle"):
+    """A copy of the tiny index with one byte of ``name`` flipped (in its middle, or its header)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ws / "idx", copy)
+    path = copy / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if where == "middle" else 20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return copy
+
+
+def ask(path, *extra):
+    return runner.invoke(app, ["query", str(path), "--prompt", "music by", "--completion", " the old", "--k1", "70", "--k2", "70", *extra])
+
+
+@pytest.mark.parametrize("name,where", [
+    ("factors/factors.safetensors", "middle"), ("factors/factors.json", "middle"), ("index.faiss", "middle"),
+    ("shards/00002.codes.npy", "middle"), ("shards/00002.codes.npy", "header"), ("shards/00001.meta.parquet", "middle"),
+    ("shards/00001.meta.parquet", "header"),
+])
+def test_one_flipped_byte_in_any_artifact_is_refused_in_one_line(ws, tmp_path, name, where):
+    result = ask(damaged_copy(ws, tmp_path, name, where))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert "damaged" in result.output or "cannot read" in result.output
+
+
+def test_an_edited_factors_json_is_refused(ws, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(ws / "idx", copy)
+    config = copy / "factors" / "factors.json"
+    config.write_text(config.read_text().replace('"damping_scale": 0.1', '"damping_scale": 0.7'))
+    assert '"damping_scale": 0.7' in config.read_text()
+    result = ask(copy)
+    assert result.exit_code == 2 and "factors/factors.json: sha256 differs" in result.output
+
+
+def test_a_damaged_tfidf_is_rebuilt_from_the_metadata_not_used(ws, tmp_path):
+    before = ask(ws / "idx", "--candidates", "tfidf", "--json")
+    copy = damaged_copy(ws, tmp_path, "lexical/matrix.npz")
+    after = ask(copy, "--candidates", "tfidf", "--json")
+    assert before.exit_code == after.exit_code == 0 and json.loads(after.output)["hits"] == json.loads(before.output)["hits"]
+    assert (copy / "lexical" / "matrix.npz").read_bytes() == (ws / "idx" / "lexical" / "matrix.npz").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../outside.npy", "shards/../../x"])
+def test_a_manifest_cannot_name_a_file_outside_the_index(ws, tmp_path, name):
+    copy = tmp_path / "copy"
+    shutil.copytree(ws / "idx", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0]["files"]["codes"]["name"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for command in (["verify", str(copy)], ["info", str(copy)], ["query", str(copy), "--prompt", "a", "--completion", " b"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "points outside the index folder" in result.output, (command, result.output)
