@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     result["cold_query"] = run(["query", str(index), "--prompt", FACT_QUERIES[0][0], "--completion", FACT_QUERIES[0][1], "--k2", str(a.k2), *device])
 
     from gradindex import GradIndex, Query, evaluate
-    from gradindex.store import ShardReader
+    from gradindex.reader import ShardReader
 
     opened = GradIndex.open(index, device=a.device, dtype=a.dtype)
     m = opened.manifest

@@ -11,6 +11,7 @@ planted facts' supporters were no longer found.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Iterator
 
 import numpy as np
@@ -56,6 +57,18 @@ def _nlist(key: str) -> int:
     return int(ivf[0][3:]) if ivf else 0
 
 
+def make_index(key: str, dim: int):
+    """An empty inner-product index of factory string ``key`` (a clear error for a key faiss cannot parse:
+    the builder asks before computing any shard)."""
+    faiss = faiss_module()
+    try:
+        return faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        # faiss prefixes its message with the C++ function and source line: keep only what it says
+        said = re.sub(r"^Error in .* at \S+:\d+: ", "", str(e).strip().splitlines()[-1])
+        raise GradIndexError(f"faiss cannot make index {key!r}: {said}") from None
+
+
 def build_index(
     key: str,
     dim: int,
@@ -73,10 +86,7 @@ def build_index(
     random sample, never on the first rows of a possibly sorted corpus.
     """
     faiss = faiss_module()
-    try:
-        index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise GradIndexError(f"faiss cannot make index {key!r}: {str(e).strip().splitlines()[-1]}") from None
+    index = make_index(key, dim)
     work = _to_gpu(index) if use_gpu else index
     if not index.is_trained:
         nlist = _nlist(key)

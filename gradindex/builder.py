@@ -9,6 +9,7 @@ shards j ≡ i (mod n); ``merge`` joins parts and writes the index.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -16,16 +17,17 @@ from tqdm.auto import tqdm
 
 from . import ann, store
 from .compress import Compressor
-from .data import describe_data, load_texts, tokenize_texts
+from .data import describe_data, load_texts, texts_fingerprint, tokenize_texts
 from .errors import GradIndexError
 from .factors import FACTORS_FILE, Factors, copy_factors, has_factors
-from .files import sha256
+from .files import sha256, writer_lock
 from .fitting import fit
 from .lexical import Lexical
 from .manifest import BuildConfig, Manifest
 from .model import LanguageModel
 from .options import BuildOptions
 from .parallel import Part
+from .reader import ShardReader
 
 
 def build(lm: LanguageModel, data, out: str | Path, *, factors: Factors | str | Path | None = None,
@@ -35,6 +37,12 @@ def build(lm: LanguageModel, data, out: str | Path, *, factors: Factors | str | 
     Without ``factors`` they are fitted on ``data`` first (and reused when resuming).
     """
     out, options, part = Path(out), options or BuildOptions(), part or Part()
+    # Rank 0 of a torchrun launch holds the lock for every rank; any other writer is refused.
+    with writer_lock(out, "build") if part.leader else contextlib.nullcontext():
+        return _build(lm, data, out, factors, options, part, progress)
+
+
+def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, part: Part, progress: bool) -> Path:
     dataset = load_texts(data, text_field=options.text_field)
     if len(dataset) == 0:
         raise GradIndexError(f"data {data} has no rows")
@@ -49,7 +57,7 @@ def build(lm: LanguageModel, data, out: str | Path, *, factors: Factors | str | 
     config = BuildConfig(
         model=lm.name, model_hash=fitted.config.model_hash, tokenizer_hash=fitted.config.tokenizer_hash,
         factors_hash=factors_hash, data=describe_data(data), data_rows=len(dataset),
-        data_fingerprint=str(getattr(dataset, "_fingerprint", "")), text_field=options.text_field,
+        data_fingerprint=texts_fingerprint(dataset, options.text_field), text_field=options.text_field,
         max_length=lm.max_length(options.max_length or fitted.config.max_length or None), shard_size=options.shard_size,
         compression=options.compression, layers=fitted.config.layers,
     )
@@ -61,6 +69,8 @@ def build(lm: LanguageModel, data, out: str | Path, *, factors: Factors | str | 
         return out  # already built with these settings: nothing to redo
 
     compressor = Compressor(fitted, options.compression)
+    if options.index_key is not None:
+        ann.make_index(options.index_key, compressor.stage1_dim)  # an unusable key is refused before any shard is computed
     todo = [j for j in range(config.n_shards) if part.owns(j) and store.read_record(out, j) is None]
     bar = tqdm(total=sum(len(config.shard_rows(j)) for j in todo), desc="building shards", unit="seq", disable=not progress)
     for j in todo:
@@ -82,14 +92,20 @@ def _place_factors(lm, data, dataset, out: Path, source, existing: BuildConfig |
     target = out / store.FACTORS_DIR
     expected = existing.factors_hash if existing is not None else None
     if source is None and has_factors(target):
-        return Factors.load(target), sha256(target / FACTORS_FILE)
+        factors = Factors.load(target)
+        if factors.config.modules != options.modules:
+            raise GradIndexError(f"{out} holds factors fitted on modules {factors.config.modules!r}, not {options.modules!r}; "
+                                 "re-run with the same --modules, or use another --out")
+        return factors, sha256(target / FACTORS_FILE)
     if isinstance(source, (str, Path)):
         source = Path(source)
         factors = Factors.load(source)  # a clear error when it is not a factors folder
         digest = sha256(source / FACTORS_FILE)
         if expected is not None and digest != expected:
             raise GradIndexError(f"{out} holds a build with different factors_hash; use another --out or delete that folder")
-        if source.resolve() != target.resolve():
+        # A resumed build keeps the factors files it started with: its manifest vouches for their bytes, and
+        # a refit with equal tensors still differs in factors.json (fit time, settings).
+        if source.resolve() != target.resolve() and not (expected is not None and has_factors(target)):
             copy_factors(source, target)
         return factors, digest
     factors = source if source is not None else fit(
@@ -122,7 +138,7 @@ def finalize(out: str | Path, *, max_memory: int = ann.DEFAULT_MAX_MEMORY, index
             f"{out}: {len(missing)} of {config.n_shards} shards not built yet (first: {missing[0]}); "
             "build the remaining parts or merge them in first"
         )
-    reader = store.ShardReader.of(out, config)
+    reader = ShardReader.of(out, config)
     dim = reader.stage1_dim
     key = index_key or ann.choose_key(config.data_rows, dim, max_memory)
     bar = tqdm(total=config.data_rows, desc=f"indexing ({key})", unit="seq", disable=not progress)
@@ -142,6 +158,11 @@ def merge(parts: list[str | Path], out: str | Path, *, max_memory: int = ann.DEF
     out = Path(out)
     if not parts:
         raise GradIndexError("nothing to merge: give the part folders")
+    with writer_lock(out, "merge"):
+        return _merge(list(map(Path, parts)), out, max_memory, index_key, progress)
+
+
+def _merge(parts: list[Path], out: Path, max_memory: int, index_key: str | None, progress: bool) -> Manifest:
     configs = []
     for folder in map(Path, parts):
         config = store.load_build_config(folder)
@@ -161,6 +182,7 @@ def merge(parts: list[str | Path], out: str | Path, *, max_memory: int = ann.DEF
         if folder.resolve() == out.resolve():
             continue
         for j in range(config.n_shards):
-            if store.read_record(folder, j) is not None and store.read_record(out, j) is None:
+            if (record := store.read_record(folder, j)) is not None and store.read_record(out, j) is None:
+                store.check_hashes(folder, list(record.files.values()))  # a damaged part is refused, not merged
                 store.copy_shard(folder, out, j)
     return finalize(out, max_memory=max_memory, index_key=index_key, progress=progress)

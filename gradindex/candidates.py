@@ -13,7 +13,8 @@ from .data import Query
 from .errors import GradIndexError
 from .lexical import Lexical
 from .options import CANDIDATE_SOURCES
-from .store import ShardReader, read_lexical, write_lexical
+from .reader import ShardReader
+from .store import read_lexical, write_lexical
 
 
 @dataclass

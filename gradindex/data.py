@@ -27,6 +27,11 @@ class Query:
     prompt: str
     completion: str
 
+    def __post_init__(self):
+        for name, value in (("prompt", self.prompt), ("completion", self.completion)):
+            if not isinstance(value, str):  # None or 42 would otherwise be scored as the text "None" / "42"
+                raise GradIndexError(f"a query's {name} must be text, got {type(value).__name__} {value!r:.40}")
+
 
 @dataclass
 class TokenizedSet:
@@ -168,9 +173,11 @@ def load_queries(path: str | Path) -> list[Query]:
             continue
         try:
             row = json.loads(line)
-            queries.append(Query(str(row["prompt"]), str(row["completion"])))
+            queries.append(Query(row["prompt"], row["completion"]))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise GradIndexError(f"{path}:{n}: expected a JSON object with 'prompt' and 'completion' ({_one_line(e)})") from None
+        except GradIndexError as e:  # a prompt or completion that is not text
+            raise GradIndexError(f"{path}:{n}: {e}") from None
     if not queries:
         raise GradIndexError(f"queries file {path} holds no query")
     return queries
@@ -188,15 +195,31 @@ def as_queries(queries=None, *, prompt: str | None = None, completion: str | Non
         raise GradIndexError("give either --queries FILE or --prompt and --completion")
     if isinstance(queries, (str, Path)):
         return load_queries(queries)
-    queries = list(queries)
-    if not all(isinstance(q, Query) for q in queries):
-        raise GradIndexError("queries must be Query(prompt, completion) objects or a jsonl file of them")
+    listed = list(queries) if hasattr(queries, "__iter__") and not isinstance(queries, (Query, dict)) else [queries]
+    if not all(isinstance(q, Query) for q in listed):
+        bad = next(q for q in listed if not isinstance(q, Query))
+        raise GradIndexError(f"queries must be a list of Query(prompt, completion) objects or a jsonl file of them, got {type(bad).__name__}")
+    queries = listed
+    if not queries:
+        raise GradIndexError("no queries given (an empty list)")
     return queries
 
 
 def describe_data(data) -> str:
-    """How an index and its factors name their training data: the path given, else the object's type."""
-    return str(data) if isinstance(data, (str, Path)) else type(data).__name__
+    """How an index and its factors name their data: a local path made absolute, a hub name, or the object's type."""
+    if isinstance(data, (str, Path)):
+        return str(Path(data).resolve()) if Path(data).exists() else str(data)
+    return type(data).__name__
+
+
+def texts_fingerprint(dataset, text_field: str, batch: int = 10_000) -> str:
+    """A hash of the texts themselves, in order: the same data under another name, path or modification time
+    is the same data; one changed character is not."""
+    h = hashlib.blake2b(digest_size=16)
+    for rows in dataset.select_columns([text_field]).iter(batch_size=batch):
+        for encoded in (str(text).encode("utf-8", "surrogatepass") for text in rows[text_field]):
+            h.update(len(encoded).to_bytes(8, "little") + encoded)
+    return h.hexdigest()
 
 
 def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int = 1000) -> TokenizedSet:

@@ -9,6 +9,7 @@ Per tracked layer (gradient G of shape d_out × d_in, see ``layers``):
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,9 +89,13 @@ class Factors:
     def damping(self, name: str, damping: float | None = None, damping_scale: float | None = None) -> float:
         """Absolute damping λ for a layer: ``damping`` if given, else ``damping_scale`` × mean Λ."""
         if damping is not None:
-            return float(damping)
-        scale = self.config.damping_scale if damping_scale is None else damping_scale
-        return scale * float(self.layers[name].lam.double().mean())
+            value, what = float(damping), "damping"
+        else:
+            scale = self.config.damping_scale if damping_scale is None else damping_scale
+            value, what = float(scale) * float(self.layers[name].lam.double().mean()), f"damping scale {scale!r} × mean eigenvalue"
+        if not (math.isfinite(value) and value > 0):  # λ ≤ 0 or NaN: no inverse, or NaN scores everywhere
+            raise GradIndexError(f"{what} gives damping {value!r} for {name}; the damping must be a positive number")
+        return value
 
     def rotate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """G̃ = Q_Sᵀ G Q_A for a stack of gradients (…, d_out, d_in)."""

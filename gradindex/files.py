@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
@@ -26,19 +27,53 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path``; write a file or a folder there, and it replaces
     ``path`` when the block ends without an exception. On an exception nothing of it is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own per writer: two processes writing the same file never share a temporary.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)  # os.replace cannot put a folder over a non-empty one
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder, a file where a folder should be: what was there stays
+        raise GradIndexError(f"cannot write {path}: {e.strerror or type(e).__name__}"
+                             + (f" ({e.filename})" if e.filename and str(e.filename) not in (str(path), str(tmp)) else "")) from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # nothing to remove when the folder itself could not be made
+                tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def writer_lock(folder: str | Path, what: str = "build") -> Iterator[None]:
+    """One writer per index folder: an exclusive ``flock`` on ``folder/.lock`` (released by the kernel when
+    the holder dies, so a stale lock never blocks), with the holder's pid and host in the file for the message."""
+    import fcntl
+    import socket
+
+    folder = Path(folder)
+    lock = folder / ".lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")
+    except OSError as e:
+        raise GradIndexError(f"cannot write {folder}: {e.strerror or type(e).__name__}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise GradIndexError(f"{folder} is being written by {holder}; wait for it to finish (or use another --out)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"gradindex {what} (pid {os.getpid()} on {socket.gethostname()})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -65,6 +65,8 @@ def select_layers(model: nn.Module, which: str = "mlp") -> list[LayerSpec]:
     ``mlp`` (default): the MLP matrices of every block; ``all``: every linear layer inside the blocks
     (never embeddings or ``lm_head``); anything else is a regex searched in qualified module names.
     """
+    if not isinstance(which, str):
+        raise GradIndexError(f"modules must be 'mlp', 'all' or a regex of module names, got {which!r}")
     linear = [(n, m) for n, m in model.named_modules() if is_trackable(m)]
     prefixes = _blocks_prefixes(model)
     in_blocks = [(n, m) for n, m in linear if any(n.startswith(p) for p in prefixes)]

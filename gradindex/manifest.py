@@ -99,7 +99,8 @@ class BuildConfig:
         return range(j * self.shard_size, min((j + 1) * self.shard_size, self.data_rows))
 
     def differences(self, other: "BuildConfig") -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        """The fields that make two builds different; the model's and data's names only describe (their hashes decide)."""
+        return [f.name for f in fields(self) if f.name not in ("model", "data") and getattr(self, f.name) != getattr(other, f.name)]
 
     def to_dict(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "compression": self.compression.to_dict()}

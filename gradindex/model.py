@@ -63,8 +63,23 @@ def load_model(model, tokenizer=None, *, dtype: str | None = None, device: str =
             raise GradIndexError("a model object needs its tokenizer passed too")
         prepare_tokenizer(tokenizer)
         return LanguageModel(model.eval(), tokenizer, getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    check_device(device)
     module, loaded_tokenizer = _from_pretrained(str(model), dtype, device)
-    return LanguageModel(module, tokenizer or loaded_tokenizer, str(model))
+    # A local folder is named by its absolute path, so an index opened from another folder finds its model.
+    name = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
+    return LanguageModel(module, tokenizer or loaded_tokenizer, name)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot use before anything is loaded onto it."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise GradIndexError(f"unknown device {device!r} ({e})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GradIndexError(f"device {device!r}: no CUDA GPU is available on this machine (torch {torch.__version__}); use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise GradIndexError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
 
 
 def _from_pretrained(name_or_path: str, dtype: str | None, device: str):

@@ -6,6 +6,7 @@ bad one gets the same one-line error everywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -75,6 +76,12 @@ class QueryOptions:
             value = getattr(self, name)
             if value is not None and (not _is_count(value) or value <= 0):
                 raise GradIndexError(f"{name} must be a positive number of candidates, got {value}")
+        if self.nprobe is not None and (not _is_count(self.nprobe) or self.nprobe <= 0):
+            raise GradIndexError(f"nprobe must be a positive number of IVF lists, got {self.nprobe}")
+        for name in ("damping", "damping_scale"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+                raise GradIndexError(f"{name} must be a positive number, got {value!r}")
 
     def for_index(self, n_rows: int) -> "QueryOptions":
         """These options against an index of ``n_rows`` rows, defaults filled in."""
@@ -111,6 +118,8 @@ class BuildOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "max_memory", parse_size(self.max_memory))
+        if self.max_memory <= 0:
+            raise GradIndexError(f"max memory must be a positive size (e.g. 4G), got {self.max_memory}")
         if not _is_count(self.shard_size) or self.shard_size <= 0:
             raise GradIndexError(f"shard size must be positive, got {self.shard_size}")
 

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import ann, store
+from .reader import ShardReader
 from .candidates import UNCERTAIN_MISSES, Candidates, Shortlist, expected_missed
 from .compress import Compressor, QueryEmbedding
 from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, as_queries, tokenize_queries
@@ -103,7 +104,7 @@ class GradIndex:
         self.faiss_index = faiss_index
         self.token_budget = token_budget
         self.compressor = Compressor(factors, manifest.compression)
-        self.reader = store.ShardReader.of(root, manifest.build, manifest.shards)
+        self.reader = ShardReader.of(root, manifest.build, manifest.shards)
         self.candidates = Candidates(self.reader, manifest.tokens_fingerprint)
         self.n = manifest.n_rows
         self.max_query_length = lm.max_length(None)

@@ -15,6 +15,7 @@ from gradindex.errors import GradIndexError
 from gradindex.files import atomic_write, from_dict, write_text
 from gradindex.lexical import Lexical
 from gradindex.manifest import SCHEMA_VERSION, BuildConfig, FaissEntry, FileEntry, Manifest
+from gradindex.reader import ShardReader
 
 SHARD = 3
 TEXTS = [f"text number {i} about the {'red' if i % 2 else 'blue'} tower" for i in range(7)]
@@ -65,7 +66,7 @@ def test_a_folder_written_atomically_replaces_the_old_one_whole(tmp_path):
 
 def test_shards_read_back_by_row_in_any_order(shards):
     root, cfg, records = shards
-    reader = store.ShardReader.of(root, cfg)
+    reader = ShardReader.of(root, cfg)
     rows = [6, 0, 4, 3, 1]
     np.testing.assert_array_equal(reader.vectors(rows), np.array([[r, r + 0.25] for r in rows], np.float16))  # the stage-1 prefix
     np.testing.assert_array_equal(reader.codes(rows, 2), np.array([[r, r + 0.25] for r in rows], np.float16))
@@ -92,7 +93,7 @@ def test_metadata_of_the_wrong_rows_is_refused(shards, tmp_path_factory):
     root, cfg, _ = shards
     store.shard_path(root, 0, "meta").write_bytes(store.shard_path(root, 1, "meta").read_bytes())
     with pytest.raises(GradIndexError, match="does not hold rows 0–2"):
-        store.ShardReader.of(root, cfg).rows([0])
+        ShardReader.of(root, cfg).rows([0])
 
 
 def test_copied_shards_are_the_same_files(shards, tmp_path_factory):
@@ -165,7 +166,8 @@ def test_build_config_round_trips_and_names_differences(tmp_path):
     cfg = config()
     store.save_build_config(tmp_path, cfg)
     assert store.load_build_config(tmp_path) == cfg
-    assert cfg.differences(config(shard_size=4, data="other")) == ["data", "shard_size"]
+    assert cfg.differences(config(shard_size=4, data="other")) == ["shard_size"]  # names describe; hashes decide
+    assert cfg.differences(config(data_fingerprint="changed", model="/elsewhere")) == ["data_fingerprint"]
     (tmp_path / store.BUILD_CONFIG).write_text("[]")
     with pytest.raises(GradIndexError, match="delete the folder to start over"):
         store.load_build_config(tmp_path)
