@@ -116,3 +116,69 @@ def test_a_manifest_cannot_name_a_file_outside_the_index(ws, tmp_path, name):
     for command in (["verify", str(copy)], ["info", str(copy)], ["query", str(copy), "--prompt", "a", "--completion", " b"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 2 and "points outside the index folder" in result.output, (command, result.output)
+
+
+# -- bad input: one line naming the problem -------------------------------------------------------
+
+from gradindex import GradIndexError, Query  # noqa: E402
+from gradindex.files import writer_lock  # noqa: E402
+
+API_CASES = {
+    "no queries given": lambda i: i.query_many([]),
+    "got dict": lambda i: i.query_many({"prompt": "a", "completion": " b"}),
+    "completion must be text, got NoneType": lambda i: i.query("music", None),
+    "completion must be text, got int": lambda i: i.query("music", 42),
+    "k1 must be a positive": lambda i: i.query("music", " the", k1=0),
+    "nprobe must be a positive": lambda i: i.query("music", " the", nprobe=-5),
+    "damping must be a positive number, got nan": lambda i: i.query("music", " the", damping=float("nan")),
+    "damping must be a positive number, got -1": lambda i: i.query("music", " the", damping=-1.0),
+    "damping_scale must be a positive": lambda i: i.query("music", " the", damping_scale=0.0),
+    "rows must be whole numbers": lambda i: i.all_scores([Query("music", " the")], rows=[0, 10**6]),
+    "rows must be whole numbers from 0": lambda i: i.all_scores([Query("music", " the")], rows=[-1]),
+    "gives damping": lambda i: i.factors.damping(i.factors.specs[0].name, damping_scale=-1.0),
+}
+
+
+@pytest.mark.parametrize("message", list(API_CASES))
+def test_bad_api_input_is_one_clear_error(index, message):
+    with pytest.raises(GradIndexError, match=message.replace("(", r"\(")):
+        API_CASES[message](index)
+
+
+def test_bad_build_options_are_refused_before_any_shard(ws, tmp_path):
+    from tiny import build_args
+
+    for extra, message in ((["--max-memory", "0"], "max memory must be a positive size"),
+                           (["--index-key", "Garbage,,12"], "could not parse index string")):
+        result = runner.invoke(app, build_args(ws, tmp_path / "o", *extra))
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+        assert not list((tmp_path / "o" / "shards").glob("*.npy"))
+    (tmp_path / "afile").write_text("keep me")
+    result = runner.invoke(app, build_args(ws, tmp_path / "afile"))
+    assert result.exit_code == 2 and result.output.startswith("error: cannot write") and (tmp_path / "afile").read_text() == "keep me"
+    cuda = runner.invoke(app, ["query", str(ws / "idx"), "--prompt", "a", "--completion", " b", "--device", "cuda"])
+    assert cuda.exit_code == 2 and ("no CUDA GPU" in cuda.output or "cuda" in cuda.output)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(ws, tmp_path):
+    from tiny import build_args
+
+    with writer_lock(tmp_path / "o"):
+        result = runner.invoke(app, build_args(ws, tmp_path / "o"))
+        assert result.exit_code == 2 and "is being written by gradindex build (pid" in result.output
+    # released (as the kernel releases it when a holder dies): the same command now builds
+    assert runner.invoke(app, build_args(ws, tmp_path / "o")).exit_code == 0
+
+
+def test_merge_refuses_a_damaged_part(ws, tmp_path):
+    from tiny import build_args
+
+    parts = [tmp_path / f"p{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert runner.invoke(app, build_args(ws, part, "--shard", f"{i}/2")).exit_code == 0
+    damaged = next((parts[1] / "shards").glob("*.codes.npy"))
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    result = runner.invoke(app, ["merge", *map(str, parts), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "damaged" in result.output and not (tmp_path / "m" / "manifest.json").exists()
