@@ -36,14 +36,19 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(path)  # os.replace cannot put a folder over a non-empty one
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a read-only folder, a file where a folder should be: what was there stays
-        raise GradIndexError(f"cannot write {path}: {e.strerror or type(e).__name__}"
-                             + (f" ({e.filename})" if e.filename and str(e.filename) not in (str(path), str(tmp)) else "")) from None
+        raise _cannot_write(path, e, tmp) from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):  # nothing to remove when the folder itself could not be made
                 tmp.unlink(missing_ok=True)
+
+
+def _cannot_write(path: Path, e: OSError, tmp: Path | None = None) -> GradIndexError:
+    """The one-line error of a failed write, naming the path in the way when it is not the one written."""
+    other = e.filename and str(e.filename) not in (str(path), str(tmp))
+    return GradIndexError(f"cannot write {path}: {e.strerror or type(e).__name__}" + (f" ({e.filename})" if other else ""))
 
 
 @contextmanager
@@ -59,7 +64,7 @@ def writer_lock(folder: str | Path, what: str = "build") -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a+")
     except OSError as e:
-        raise GradIndexError(f"cannot write {folder}: {e.strerror or type(e).__name__}") from None
+        raise _cannot_write(folder, e) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -116,8 +116,9 @@ class ShardReader:
         width = width or arrays[0].shape[1]
         out = np.empty((len(rows), width), dtype=arrays[0].dtype)
         shard = rows // self.shard_size
-        self._check(np.unique(shard), kind)
-        for j in np.unique(shard):
+        touched = np.unique(shard)
+        self._check(touched, kind)
+        for j in touched:
             where = np.nonzero(shard == j)[0]
             local = rows[where] - j * self.shard_size
             order = np.argsort(local)  # ascending reads are kinder to the page cache
