@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.device == "cpu":
         result["plain_forward_backward_per_second"] = plain_forward_backward(model_dir, train, a.max_length, 256, a.token_budget)
         result["build_throughput_ratio"] = result["build_sequences_per_second"] / result["plain_forward_backward_per_second"]
-    reader = ShardReader.of(index, m.build)
+    reader = ShardReader(index, m.shards, m.compression.stage1_dim)
     codes = reader.codes(np.arange(m.n_rows)).astype(np.float32)
     for kind, qs in queries.items():
         qlist = [Query(p, c) for p, c in qs]

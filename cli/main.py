@@ -6,8 +6,6 @@ signatures), never restated here.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
 import sys
@@ -18,58 +16,16 @@ from typing import Optional
 import numpy as np
 import typer
 
+from cli.args import (
+    app, _B, _Q, _C, _FIT, _OUTLIERS, ModelArg, DataOpt, TextFieldOpt, TokenBudgetOpt, DtypeOpt, DeviceOpt, IndexArg, IndexModelOpt, PromptOpt, CompletionOpt, QueriesOpt, KOpt, K1Opt, K2Opt, NprobeOpt, DampingOpt, DampingScaleOpt, MaxMemoryOpt, IndexKeyOpt, command,
+)
 from gradindex import pipeline
 from gradindex.analysis import DEFAULT_SAMPLE
 from gradindex.codeplan import CompressionConfig
 from gradindex.data import as_queries
-from gradindex.errors import GradIndexError
-from gradindex.options import DEFAULT_K1, DEFAULT_K2, BuildOptions, QueryOptions, parse_part, parse_size
+from gradindex.options import BuildOptions, QueryOptions, parse_part, parse_size
 from gradindex.search import one_line
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Which training sequences made the model say this?")
-_B, _Q, _C = BuildOptions(), QueryOptions(), CompressionConfig()
-_FIT, _OUTLIERS = ({name: p.default for name, p in inspect.signature(f).parameters.items()} for f in (pipeline.fit, pipeline.outliers))
-
-ModelArg = typer.Argument(..., help="Hugging Face causal LM: a local folder or a hub name.")
-DataOpt = typer.Option(..., "--data", help="Training data: a json/jsonl/parquet/csv/txt file, a saved dataset folder, or a hub name.")
-TextFieldOpt = typer.Option(_B.text_field, "--text-field", help="Column holding the training text.")
-TokenBudgetOpt = typer.Option(_B.token_budget, "--token-budget", help="Padded tokens per batch (raise it on a GPU).")
-DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32, float64, bfloat16, float16 (default: as saved).")
-DeviceOpt = typer.Option(_FIT["device"], "--device", help="torch device, e.g. cpu or cuda.")
-IndexArg = typer.Argument(..., metavar="INDEX", help="Index folder written by `gradindex build`.")
-IndexModelOpt = typer.Option(None, "--model", help="Load the model from here instead of the path recorded in the index (same weights).")
-PromptOpt = typer.Option(None, "--prompt", help="The query's prompt.")
-CompletionOpt = typer.Option(None, "--completion", help="The completion whose log-likelihood is explained.")
-QueriesOpt = typer.Option(None, "--queries", help="jsonl of {\"prompt\", \"completion\"} objects, instead of one query.")
-KOpt = typer.Option(_Q.k, "-k", "--k", help="Results per query.")
-K1Opt = typer.Option(None, "--k1", help=f"Stage-1 (FAISS) candidates (default {DEFAULT_K1}).")
-K2Opt = typer.Option(None, "--k2", help=f"Distinct texts rescored exactly after stage 2 (default {DEFAULT_K2}).")
-NprobeOpt = typer.Option(None, "--nprobe", help="IVF lists searched (IVF indexes only; default: recorded in the index).")
-DampingOpt = typer.Option(None, "--damping", help="Absolute damping λ of the exact scores (overrides --damping-scale).")
-DampingScaleOpt = typer.Option(None, "--damping-scale", help="Damping of the exact scores, × mean eigenvalue (default 0.1).")
-MaxMemoryOpt = typer.Option(None, "--max-memory", help=f"Memory budget of the FAISS index, e.g. 512M (default {_B.max_memory // 2**30}G); decides exhaustive or IVF.")
-IndexKeyOpt = typer.Option(None, "--index-key", help="FAISS factory string overriding the automatic choice, e.g. 'IVF1024,SQ8'.")
-
-
-def command(function=None, *, name: str | None = None):
-    """A CLI verb whose bad input ends in one line on stderr and exit code 2, never a traceback."""
-
-    def register(function):
-        @functools.wraps(function)
-        def wrapper(*args, **kwargs):
-            try:
-                return function(*args, **kwargs)
-            except GradIndexError as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2) from None
-            except KeyboardInterrupt:
-                typer.echo("interrupted", err=True)
-                raise typer.Exit(130) from None
-
-        return app.command(name=name)(wrapper)
-
-    return register(function) if function is not None else register
-
+from gradindex.update import DRIFT_REFIT
 
 @command
 def fit(
@@ -171,6 +127,42 @@ def merge(
 ):
     """Join parts built with --shard into one index."""
     typer.echo(pipeline.merge(parts, out, max_memory=max_memory, index_key=index_key).summary(out))
+
+
+@command
+def add(
+    index_dir: Path = IndexArg,
+    data: str = DataOpt,
+    model: Optional[str] = IndexModelOpt,
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Column holding the text (default: the index's)."),
+    token_budget: int = TokenBudgetOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Append rows to a built index with its own factors and compression (no rebuild). Re-run after a kill to finish."""
+    manifest = pipeline.add(index_dir, data, model=model, text_field=text_field, token_budget=token_budget, dtype=dtype, device=device)
+    typer.echo(manifest.summary(index_dir))
+    if manifest.additions and (drift := manifest.additions[-1].drift) is not None:
+        advice = ("the factors fit these rows as well as the built ones" if drift < DRIFT_REFIT else
+                  "the factors are stale for these rows: rebuild (refit the factors) for exact scores that reflect them")
+        typer.echo(f"factor drift {drift:.2f} (added rows' median self-influence ÷ the built rows'; refit advised from {DRIFT_REFIT:g}): {advice}")
+
+
+@command
+def remove(
+    index_dir: Path = IndexArg,
+    rows: Optional[str] = typer.Option(None, "--rows", help="Row ids to remove, e.g. 3,17."),
+    where: Optional[str] = typer.Option(None, "--where", help="Remove the rows matching COLUMN OP VALUE, e.g. \"source = 'a.jsonl'\"."),
+):
+    """Tombstone rows: they never appear in any answer again (`gradindex compact` rewrites the index without them)."""
+    manifest, count = pipeline.remove(index_dir, rows=rows, where=where)
+    typer.echo(f"removed {count} rows ({manifest.n_removed} removed in all, {manifest.n_live} remain)")
+
+
+@command
+def compact(index_dir: Path = IndexArg):
+    """Rewrite an index without its removed rows (rows numbered anew; each keeps its source and offset)."""
+    typer.echo(pipeline.compact(index_dir).summary(index_dir))
 
 
 @command

@@ -78,7 +78,7 @@ def estimated_influence(index: "GradIndex", results: list["QueryResult"], sample
     known: dict[int, float] = {}
     for r in results:
         known.update(zip(r.trace.shortlist_rows.tolist(), r.trace.stage3_scores.tolist()))
-    rest = np.setdiff1d(np.arange(index.n), np.fromiter(known, dtype=np.int64, count=len(known)))
+    rest = np.setdiff1d(index.reader.live_rows(), np.fromiter(known, dtype=np.int64, count=len(known)))
     drawn = np.sort(np.random.default_rng(seed).choice(rest, min(sample, len(rest)), replace=False))
     query = Query(results[0].prompt, results[0].completion)
     scored = index.all_scores([query], rows=drawn, damping=damping, damping_scale=damping_scale)[0] if len(drawn) else np.zeros(0)

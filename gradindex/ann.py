@@ -142,14 +142,31 @@ def save_index(index, path) -> None:
     faiss_module().write_index(_to_cpu(index), str(path))
 
 
-def search(index, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def excluding(rows: np.ndarray):
+    """A FAISS selector of every id but ``rows`` (the removed ones), or None when there are none."""
+    if len(rows) == 0:
+        return None
+    faiss = faiss_module()
+    batch = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
+    selector = faiss.IDSelectorNot(batch)
+    selector.referenced = batch  # the C++ selector points at it: keep it alive as long as the selector
+    return selector
+
+
+def search(index, vectors: np.ndarray, k: int, nprobe: int | None = None, selector=None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by inner product: (scores, rows), each (Q, k); rows are -1 where fewer than k were found.
 
-    ``nprobe`` applies to this search only: it is passed with the call, never set on the shared index,
-    so one query's setting cannot leak into the next one or into another thread.
+    ``nprobe`` (and ``selector``, from :func:`excluding`) apply to this search only: they are passed with the
+    call, never set on the shared index, so one query's setting cannot leak into the next one or into another thread.
     """
     faiss = faiss_module()
-    params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe and _is_ivf(index) else None
+    ivf = bool(nprobe) and _is_ivf(index)
+    if not ivf and selector is None:
+        params = None
+    elif ivf:
+        params = faiss.SearchParametersIVF(nprobe=int(nprobe), sel=selector) if selector is not None else faiss.SearchParametersIVF(nprobe=int(nprobe))
+    else:
+        params = faiss.SearchParameters(sel=selector)
     return index.search(np.ascontiguousarray(vectors, dtype=np.float32), k, params=params)
 
 

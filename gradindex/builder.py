@@ -138,17 +138,27 @@ def finalize(out: str | Path, *, max_memory: int = ann.DEFAULT_MAX_MEMORY, index
             f"{out}: {len(missing)} of {config.n_shards} shards not built yet (first: {missing[0]}); "
             "build the remaining parts or merge them in first"
         )
-    reader = ShardReader.of(out, config)
+    reader = ShardReader(out, records, config.compression.stage1_dim, check=False)
     dim = reader.stage1_dim
     key = index_key or ann.choose_key(config.data_rows, dim, max_memory)
     bar = tqdm(total=config.data_rows, desc=f"indexing ({key})", unit="seq", disable=not progress)
     faiss_index = ann.build_index(key, dim, config.data_rows, reader.vector_blocks, lambda rows: reader.vectors(rows).astype("float32"),
                                   seed=config.compression.seed, use_gpu=ann.gpu_available(), progress=bar.update)
     bar.close()
-    store.write_faiss(out, faiss_index)
-    manifest = store.describe(out, config, records, key, faiss_index)
-    store.write_lexical(out, Lexical.fit(reader.texts()), manifest.tokens_fingerprint)
-    store.save_manifest(out, manifest)  # last: it marks the index complete
+    return publish(out, config, reader, key, faiss_index)
+
+
+def publish(out: Path, config: BuildConfig, reader: ShardReader, key: str, faiss_index, *, generation: int = 1,
+            additions=(), removed_file=None) -> Manifest:
+    """Write a generation's FAISS index and TF-IDF, then its manifest (last: the generation is complete), and drop
+    what generations before the previous one wrote."""
+    previous = store.load_manifest(out) if generation > 1 else None
+    path = store.write_faiss(out, faiss_index, generation)
+    manifest = store.describe(out, config, reader.records, key, faiss_index, path, generation=generation, additions=list(additions),
+                              removed=removed_file, n_removed=len(reader.removed))
+    store.write_lexical(out, Lexical.fit(reader.texts(), reader.removed), manifest.content_fingerprint, generation)
+    store.save_manifest(out, manifest)
+    store.drop_old_generations(out, manifest, previous)
     return manifest
 
 

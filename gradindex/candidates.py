@@ -37,19 +37,19 @@ class Shortlist:
 class Candidates:
     """Shortlists over one index's rows; the TF-IDF is loaded (or fitted) the first time it is needed."""
 
-    def __init__(self, reader: ShardReader, tokens_fingerprint: str):
+    def __init__(self, reader: ShardReader, content_fingerprint: str, generation: int = 1):
         self.reader = reader
-        self.tokens_fingerprint = tokens_fingerprint
+        self.content_fingerprint, self.generation = content_fingerprint, generation
         self._lexical: Lexical | None = None
 
     def lexical(self) -> Lexical:
-        """The TF-IDF of every indexed text (written at build time; rebuilt from the metadata if missing)."""
+        """The TF-IDF of every live text (written at build time; rebuilt from the metadata if missing)."""
         if self._lexical is None:
-            lexical = read_lexical(self.reader.root, self.tokens_fingerprint)
+            lexical = read_lexical(self.reader.root, self.content_fingerprint, self.generation)
             if lexical is None:
-                lexical = Lexical.fit(self.reader.texts())
+                lexical = Lexical.fit(self.reader.texts(), self.reader.removed)
                 try:
-                    write_lexical(self.reader.root, lexical, self.tokens_fingerprint)
+                    write_lexical(self.reader.root, lexical, self.content_fingerprint, self.generation)
                 except OSError:
                     pass  # a read-only index keeps it in memory
             self._lexical = lexical
@@ -68,6 +68,7 @@ class Candidates:
         def take(ranked: np.ndarray, limit: int, chunk: int) -> None:
             for start in range(0, len(ranked), chunk):
                 part = ranked[start : start + chunk]
+                part = part[~self.reader.is_removed(part)] if len(self.reader.removed) else part  # a removed row is never an answer
                 for row, seq in zip(part.tolist(), self.reader.token_ids(part)):
                     key = tuple(seq)
                     if key not in group_of:

@@ -25,16 +25,23 @@ T = TypeVar("T")
 @contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path``; write a file or a folder there, and it replaces
-    ``path`` when the block ends without an exception. On an exception nothing of it is left."""
+    ``path`` when the block ends without an exception. On an exception nothing of it is left.
+
+    The new bytes are fsynced before the rename and the folder after it, so after a power cut ``path``
+    holds the old content or the new, and a file written later (the manifest) never survives without it."""
     path = Path(path)
     # A name of its own per writer: two processes writing the same file never share a temporary.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        for written in [tmp, *sorted(tmp.rglob("*"))] if tmp.is_dir() else [tmp]:
+            _fsync(written)
+        _fault_point(path)
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)  # os.replace cannot put a folder over a non-empty one
         os.replace(tmp, path)
+        _fsync(path.parent)
     except OSError as e:  # a full disk, a read-only folder, a file where a folder should be: what was there stays
         raise _cannot_write(path, e, tmp) from None
     finally:
@@ -43,6 +50,32 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         else:
             with contextlib.suppress(OSError):  # nothing to remove when the folder itself could not be made
                 tmp.unlink(missing_ok=True)
+
+
+_WRITES = 0
+
+
+def _fault_point(path: Path) -> None:
+    """The crash harness's hook (``benchmarks/bench_crash.py``), inert unless its variables are set: with
+    ``GRADINDEX_WRITE_LOG`` each write is logged before its rename, and with ``GRADINDEX_CRASH_AT_WRITE=n``
+    the process is SIGKILLed there, at its n-th write, with the new bytes complete but not yet in place."""
+    global _WRITES
+    _WRITES += 1
+    if log := os.environ.get("GRADINDEX_WRITE_LOG"):
+        with open(log, "a") as f:
+            f.write(f"{path}\n")
+    if os.environ.get("GRADINDEX_CRASH_AT_WRITE") == str(_WRITES):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _cannot_write(path: Path, e: OSError, tmp: Path | None = None) -> GradIndexError:

@@ -23,9 +23,18 @@ class Lexical:
         self.matrix = matrix
 
     @classmethod
-    def fit(cls, texts: Iterable[str]) -> "Lexical":
+    def fit(cls, texts: Iterable[str], removed: np.ndarray | None = None) -> "Lexical":
+        """Fitted on the texts not ``removed`` (their rows stay, all zero: a removed text shapes no weight)."""
         vectorizer = TfidfVectorizer(**_PARAMS)
-        matrix = vectorizer.fit_transform(texts).tocsr()
+        if removed is None or len(removed) == 0:
+            return cls(vectorizer, vectorizer.fit_transform(texts).tocsr())
+        texts = list(texts)
+        keep = np.ones(len(texts), dtype=bool)
+        keep[removed] = False
+        vectorizer.fit([t for t, k in zip(texts, keep) if k])
+        matrix = scipy.sparse.diags(keep.astype(np.float32)) @ vectorizer.transform(texts)
+        matrix = matrix.tocsr()
+        matrix.eliminate_zeros()
         return cls(vectorizer, matrix)
 
     def ranking(self, text: str) -> np.ndarray:

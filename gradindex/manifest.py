@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -113,6 +113,27 @@ class BuildConfig:
 
 
 @dataclass(frozen=True)
+class Addition:
+    """Rows appended by ``gradindex add``, with the index's own factors and compression."""
+
+    data: str
+    data_fingerprint: str
+    text_field: str
+    rows: tuple[int, int]  # [start, stop)
+    first_shard: int
+    drift: float | None = None  # factor staleness (``update.drift``), measured when the rows were added
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "rows": list(self.rows)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "addition") -> "Addition":
+        if not isinstance(data, dict):
+            raise GradIndexError(f"{where}: expected a JSON object")
+        return from_dict(cls, {**data, "rows": tuple(data.get("rows", ()))}, where=where)
+
+
+@dataclass(frozen=True)
 class FaissEntry:
     key: str  # the FAISS factory string
     nprobe: int  # IVF lists searched by default (0: not an IVF index)
@@ -136,11 +157,27 @@ class Manifest:
     bytes_per_sequence: dict[str, float]
     shards: list[ShardRecord]
     schema_version: int = SCHEMA_VERSION
+    generation: int = 1  # +1 per add, remove or compact; files a generation wrote carry its number
+    additions: list[Addition] = field(default_factory=list)
+    removed: FileEntry | None = None  # the tombstoned rows (int64, ascending), if any
+    n_removed: int = 0
+
+    @property
+    def n_live(self) -> int:
+        return self.n_rows - self.n_removed
+
+    @property
+    def content_fingerprint(self) -> str:
+        """Of the stored tokens and which rows are removed: what derived data (the TF-IDF) must match."""
+        if self.removed is None:
+            return self.tokens_fingerprint
+        return hashlib.blake2b(f"{self.tokens_fingerprint}:{self.removed.sha256}".encode(), digest_size=16).hexdigest()
 
     @classmethod
     def describe(cls, config: BuildConfig, records: list[ShardRecord], *, index: FaissEntry, vector_dim: int, code_dim: int,
-                 factors_files: list[FileEntry]) -> "Manifest":
-        """The manifest of a build that has just finished, stamped with the time and the library versions."""
+                 factors_files: list[FileEntry], generation: int = 1, additions: list[Addition] | None = None,
+                 removed: FileEntry | None = None, n_removed: int = 0) -> "Manifest":
+        """The manifest of a build (or update) that has just finished, stamped with the time and the library versions."""
         import faiss
         import numpy as np
         import torch
@@ -150,7 +187,7 @@ class Manifest:
         for r in records:
             fingerprint.update(r.token_fingerprint.encode())
         shard_bytes = {kind: sum(r.files[kind].bytes for r in records) for kind in FILE_KINDS}
-        n = config.data_rows
+        n = records[-1].rows[1]
         return cls(
             build=config,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -162,8 +199,12 @@ class Manifest:
                 "codes": shard_bytes["codes"] / n, "faiss_index": index.file.bytes / n, "metadata": shard_bytes["meta"] / n,
                 "total": (sum(shard_bytes.values()) + index.file.bytes) / n,
             },
-            shards=records,
+            shards=records, generation=generation, additions=list(additions or []), removed=removed, n_removed=n_removed,
         )
+
+    def updated(self, **changes) -> "Manifest":
+        """The next generation's manifest: ``changes`` applied, stamped now."""
+        return replace(self, **changes, generation=self.generation + 1, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
     def compression(self) -> CompressionConfig:
@@ -171,7 +212,8 @@ class Manifest:
 
     def files(self) -> list[FileEntry]:
         """Every file the manifest vouches for."""
-        return [f for s in self.shards for f in s.files.values()] + [self.index.file, *self.factors_files]
+        removed = [self.removed] if self.removed is not None else []
+        return [f for s in self.shards for f in s.files.values()] + [self.index.file, *self.factors_files, *removed]
 
     def to_dict(self) -> dict:
         return {
@@ -182,6 +224,8 @@ class Manifest:
             "factors": {"files": [asdict(f) for f in self.factors_files]},
             "bytes_per_sequence": self.bytes_per_sequence,
             "shards": [s.to_dict() for s in self.shards],
+            "generation": self.generation, "additions": [a.to_json() for a in self.additions],
+            "removed": asdict(self.removed) if self.removed is not None else None, "n_removed": self.n_removed,
         }
 
     @classmethod
@@ -204,6 +248,8 @@ class Manifest:
                 build=build, index=from_dict(FaissEntry, index, where=where),
                 factors_files=[from_dict(FileEntry, f, where=where) for f in data.pop("factors")["files"]],
                 shards=[ShardRecord.from_dict(s) for s in data["shards"]],
+                additions=[Addition.from_json(a, where) for a in data.get("additions", [])],
+                removed=from_dict(FileEntry, data["removed"], where=where) if data.get("removed") is not None else None,
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise GradIndexError(f"{where} is incomplete or damaged ({type(e).__name__}: {e})") from None
@@ -213,7 +259,10 @@ class Manifest:
         """What ``gradindex info`` prints."""
         c, b = self.compression, self.bytes_per_sequence
         return "\n".join([
-            f"index {root}: {self.n_rows} sequences, model {self.build.model} ({len(self.build.layers)} layers), built {self.created}",
+            f"index {root}: {self.n_live} sequences, model {self.build.model} ({len(self.build.layers)} layers), "
+            f"generation {self.generation}, written {self.created}"
+            + (f"; {self.n_rows - self.build.data_rows} rows added" if self.additions else "")
+            + (f"; {self.n_removed} removed (`gradindex compact` drops them)" if self.n_removed else ""),
             f"  codes: {self.code_dim} {c.dtype} values per sequence (budget {c.budget / 1024:g} KiB); "
             f"stage 1: their first {self.vector_dim} in FAISS {self.index.key}",
             "  bytes per sequence: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in b.items()),

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from . import builder, store
+from . import builder, store, update
 from .analysis import DEFAULT_SAMPLE
 from .analysis import outliers as _outliers
 from .data import DEFAULT_TOKEN_BUDGET, Query, as_queries, load_texts, tokenize_queries, tokenize_texts
+from .errors import GradIndexError
 from .evaluation import EvalReport
 from .evaluation import evaluate as _evaluate
 from .factors import Factors
@@ -72,6 +73,29 @@ def merge(parts: list[str | Path], out: str | Path, *, max_memory: int | str | N
     """Join parts built with ``shard=(i, n)`` into one index (FAISS index within ``max_memory``, e.g. "4G")."""
     options = BuildOptions() if max_memory is None else BuildOptions(max_memory=max_memory)
     return builder.merge(parts, out, max_memory=options.max_memory, index_key=index_key, progress=progress)
+
+
+def add(index: str | Path, data, *, model=None, tokenizer=None, text_field: str | None = None,
+        token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Manifest:
+    """Append ``data``'s rows to a built index with its own factors (model: the index's own unless given)."""
+    model = model if model is not None else store.load_manifest(Path(index)).build.model
+    lm = load_model(model, tokenizer, dtype=dtype, device=device)
+    return update.add(lm, data, index, text_field=text_field, token_budget=token_budget, progress=progress)
+
+
+def remove(index: str | Path, *, rows: Sequence[int] | str | None = None, where: str | None = None) -> tuple[Manifest, int]:
+    """Tombstone rows (ids, or ``"3,17"``) or those matching ``where``; returns the manifest and how many were removed."""
+    if isinstance(rows, str):
+        try:
+            rows = [int(r) for r in rows.replace(" ", "").split(",") if r]
+        except ValueError:
+            raise GradIndexError(f"--rows takes row ids separated by commas, e.g. 3,17; got {rows!r}") from None
+    return update.remove(index, rows=rows, where=where)
+
+
+def compact(index: str | Path, *, progress: bool = True) -> Manifest:
+    """Rewrite the index without its removed rows."""
+    return update.compact(index, progress=progress)
 
 
 def info(index: str | Path) -> Manifest:

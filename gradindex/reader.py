@@ -1,5 +1,6 @@
 """Reading an index's shards by global row: metadata, token ids, codes and their stage-1 prefixes, each
-shard file re-hashed the first time it is read. Where the files are and what they hold is ``store``'s."""
+shard file re-hashed the first time it is read, and which rows are removed (tombstoned). Where the files
+are and what they hold is ``store``'s."""
 
 from __future__ import annotations
 
@@ -12,33 +13,50 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import GradIndexError
-from .manifest import BuildConfig, ShardRecord
-from .store import check_hashes, shard_path
+from .manifest import ShardRecord
+from .store import check_hashes
 
 
 class ShardReader:
     """Read access to an index's shards by global row: metadata, token ids, codes and their stage-1 prefixes.
 
-    Arrays are memory-mapped and only the requested rows (and prefixes) are read. Given the shard records, a
-    shard file is re-hashed the first time it is read (once per reader), so damage is refused, not answered.
+    Shards are the given records, in row order (a build's grid, then the rows each ``add`` appended).
+    Arrays are memory-mapped and only the requested rows (and prefixes) are read. With ``check``, a shard
+    file is re-hashed the first time it is read (once per reader), so damage is refused, not answered.
+    ``removed``: the tombstoned rows, which no answer may contain.
     """
 
-    def __init__(self, root: Path, shard_size: int, n_rows: int, stage1_dim: int | None,
-                 records: Sequence[ShardRecord] | None = None):
-        self.root, self.shard_size, self.n_rows, self._stage1_dim = Path(root), shard_size, n_rows, stage1_dim
-        self.n_shards = -(-n_rows // shard_size)
+    def __init__(self, root: Path, records: Sequence[ShardRecord], stage1_dim: int | None, *, removed: np.ndarray | None = None,
+                 check: bool = True):
+        self.root, self.records, self._stage1_dim = Path(root), list(records), stage1_dim
+        if not self.records or any(a.rows[1] != b.rows[0] for a, b in zip(self.records, self.records[1:])) or self.records[0].rows[0] != 0:
+            raise GradIndexError(f"index at {root}: its shard records do not cover consecutive rows from 0")
+        self.starts = np.array([r.rows[0] for r in self.records], dtype=np.int64)
+        self.n_rows, self.n_shards = self.records[-1].rows[1], len(self.records)
+        self.removed = np.unique(np.asarray(removed if removed is not None else [], dtype=np.int64))
+        self.n_live = self.n_rows - len(self.removed)
         self._meta: dict[int, pa.Table] = {}
         self._arrays: dict[str, list[np.ndarray]] = {}
-        self._unchecked = {(r.shard, kind): f for r in records for kind, f in r.files.items()} if records is not None else {}
+        self._unchecked = {(j, kind): f for j, r in enumerate(self.records) for kind, f in r.files.items()} if check else {}
         self._check_lock = threading.Lock()
-
-    @classmethod
-    def of(cls, root: Path, config: BuildConfig, records: Sequence[ShardRecord] | None = None) -> "ShardReader":
-        return cls(root, config.shard_size, config.data_rows, config.compression.stage1_dim, records)
 
     def _check(self, shards, kind: str) -> None:
         with self._check_lock:  # a file is hashed once even when threads ask for it together
             check_hashes(self.root, [self._unchecked.pop((int(j), kind)) for j in shards if (int(j), kind) in self._unchecked])
+
+    def _path(self, j: int, kind: str) -> Path:
+        return self.root / self.records[j].files[kind].name
+
+    def _shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def is_removed(self, rows: Sequence[int]) -> np.ndarray:
+        """Whether each row is tombstoned (``gradindex remove``)."""
+        return np.isin(np.asarray(rows, dtype=np.int64), self.removed)
+
+    def live_rows(self) -> np.ndarray:
+        """Every row not removed, ascending."""
+        return np.setdiff1d(np.arange(self.n_rows, dtype=np.int64), self.removed, assume_unique=True)
 
     @property
     def stage1_dim(self) -> int:
@@ -48,10 +66,10 @@ class ShardReader:
         if j not in self._meta:
             self._check([j], "meta")
             try:
-                table = pq.read_table(shard_path(self.root, j, "meta"), memory_map=True)
+                table = pq.read_table(self._path(j, "meta"), memory_map=True)
             except Exception as e:
                 raise GradIndexError(f"cannot read metadata shard {j} of {self.root}: {e}") from None
-            expected = np.arange(j * self.shard_size, j * self.shard_size + table.num_rows)
+            expected = np.arange(*self.records[j].rows)
             if not np.array_equal(table.column("row_id").to_numpy(), expected):
                 raise GradIndexError(f"metadata shard {j} of {self.root} does not hold rows {expected[0]}–{expected[-1]}")
             self._meta[j] = table
@@ -60,10 +78,11 @@ class ShardReader:
     def rows(self, rows: Sequence[int], columns: Sequence[str] = ("text", "source", "offset")) -> dict[str, list]:
         """Metadata columns of the given global rows, in the given order."""
         out: dict[str, list] = {c: [None] * len(rows) for c in columns}
-        rows = self._valid(rows)
-        for j in np.unique(rows // self.shard_size):
-            where = np.nonzero(rows // self.shard_size == j)[0]
-            table = self.meta(int(j)).take(rows[where] - j * self.shard_size)
+        rows = self.check_rows(rows)
+        shard = self._shard_of(rows)
+        for j in np.unique(shard):
+            where = np.nonzero(shard == j)[0]
+            table = self.meta(int(j)).take(rows[where] - self.starts[j])
             for c in columns:
                 for w, v in zip(where, table.column(c).to_pylist()):
                     out[c][w] = v
@@ -73,9 +92,11 @@ class ShardReader:
         return self.rows(rows, ("input_ids",))["input_ids"]
 
     def self_influence(self, rows: Sequence[int] | None = None) -> np.ndarray:
-        """Stored I(z, z) of the given rows (of every row when None)."""
+        """Stored I(z, z) of the given rows (of every row when None, removed ones NaN)."""
         if rows is None:
-            return np.concatenate([self.meta(j).column("self_influence").to_numpy() for j in range(self.n_shards)])
+            values = np.concatenate([self.meta(j).column("self_influence").to_numpy() for j in range(self.n_shards)])
+            values[self.removed] = np.nan
+            return values
         return np.asarray(self.rows(rows, ("self_influence",))["self_influence"], dtype=np.float64)
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
@@ -96,9 +117,10 @@ class ShardReader:
         """Every stored text, in row order."""
         for j in range(self.n_shards):
             self._check([j], "meta")
-            yield from pq.read_table(shard_path(self.root, j, "meta"), columns=["text"]).column("text").to_pylist()
+            yield from pq.read_table(self._path(j, "meta"), columns=["text"]).column("text").to_pylist()
 
-    def _valid(self, rows: Sequence[int]) -> np.ndarray:
+    def check_rows(self, rows: Sequence[int]) -> np.ndarray:
+        """``rows`` as int64 row ids, refused unless every one is a row of the index."""
         rows = np.asarray(rows)
         if rows.size and (rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= self.n_rows):
             bad = (rows[(rows < 0) | (rows >= self.n_rows)][:3].tolist() if rows.dtype.kind in "iuf" else []) or rows[:3].tolist()
@@ -107,20 +129,20 @@ class ShardReader:
 
     def _mapped(self, kind: str) -> list[np.ndarray]:
         if kind not in self._arrays:
-            self._arrays[kind] = [_map_array(shard_path(self.root, j, kind)) for j in range(self.n_shards)]
+            self._arrays[kind] = [_map_array(self._path(j, kind)) for j in range(self.n_shards)]
         return self._arrays[kind]
 
     def _read(self, kind: str, rows: Sequence[int], width: int | None) -> np.ndarray:
         arrays = self._mapped(kind)
-        rows = self._valid(rows)
+        rows = self.check_rows(rows)
         width = width or arrays[0].shape[1]
         out = np.empty((len(rows), width), dtype=arrays[0].dtype)
-        shard = rows // self.shard_size
+        shard = self._shard_of(rows)
         touched = np.unique(shard)
         self._check(touched, kind)
         for j in touched:
             where = np.nonzero(shard == j)[0]
-            local = rows[where] - j * self.shard_size
+            local = rows[where] - self.starts[j]
             order = np.argsort(local)  # ascending reads are kinder to the page cache
             out[where[order]] = arrays[j][local[order], :width]
         return out

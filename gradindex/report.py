@@ -85,6 +85,7 @@ def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, o
     else:
         if exact_sparsity:
             scores, weights = index.all_scores([Query(prompt, completion)], **damping)[0], None
+            scores = scores[~np.isnan(scores)]  # removed rows
             note = f"Exact: EK-FAC influence of all {index.n} sequences."
         else:
             scores, weights = analysis.estimated_influence(index, [proponents, opponents], sparsity_sample, **damping)

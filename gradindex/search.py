@@ -95,6 +95,9 @@ def one_line(text: str, width: int = 100) -> str:
     return flat[:width] + ("…" if len(flat) > width else "")
 
 
+SCORE_CHUNK = 1024  # rows scored per pass of ``all_scores``
+
+
 class GradIndex:
     """A built index, opened for queries: ``GradIndex.open(path).query(prompt, completion, k=10)``."""
 
@@ -104,9 +107,10 @@ class GradIndex:
         self.faiss_index = faiss_index
         self.token_budget = token_budget
         self.compressor = Compressor(factors, manifest.compression)
-        self.reader = ShardReader.of(root, manifest.build, manifest.shards)
-        self.candidates = Candidates(self.reader, manifest.tokens_fingerprint)
-        self.n = manifest.n_rows
+        self.reader = ShardReader(root, manifest.shards, manifest.compression.stage1_dim, removed=store.read_removed(root, manifest))
+        self.candidates = Candidates(self.reader, manifest.content_fingerprint, manifest.generation)
+        self._live_only = ann.excluding(self.reader.removed)  # removed rows never leave stage 1
+        self.n = manifest.n_live
         self.max_query_length = lm.max_length(None)
 
     @classmethod
@@ -142,23 +146,28 @@ class GradIndex:
 
     def all_scores(self, queries: Sequence[Query], *, rows: Sequence[int] | None = None, exact: bool = True,
                    damping: float | None = None, damping_scale: float | None = None, progress: bool = False) -> np.ndarray:
-        """Influence of every indexed row (or of ``rows``) on each query, (Q, N or len(rows)) float32.
+        """Influence of every indexed row (or of ``rows``) on each query, (Q, N or len(rows)) float32; N counts
+        every row id, and a removed row's column is NaN.
 
         ``exact``: brute-force EK-FAC scores (as slow as scoring those rows' training text once). Otherwise
         the stage-1 estimate from the stored vectors: fast, but sketched and at the heavier stage-1
         damping, which flattens the distribution (README: sparsity).
         """
         tokenized = tokenize_queries(self.lm.tokenizer, as_queries(queries), self.max_query_length)
-        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows is None:
+            out, live = np.full((len(tokenized), self.reader.n_rows), np.nan, np.float32), self.reader.live_rows()
+            out[:, live] = self.all_scores(queries, rows=live, exact=exact, damping=damping, damping_scale=damping_scale, progress=progress)
+            return out
+        rows = np.asarray(rows, dtype=np.int64)
         out = np.zeros((len(tokenized), len(rows)), np.float32)
         if exact:
             p = query_gradients(self.lm.model, self.factors, tokenized, token_budget=self.token_budget, damping=damping,
                                 damping_scale=damping_scale)
         else:
             vectors = self.compressor.embed(self.lm.model, tokenized, self.token_budget).vectors
-        starts = range(0, len(rows), self.reader.shard_size)
-        for start in tqdm(starts, desc="exact scores" if exact else "stage-1 scores", unit="shard", disable=not progress):
-            chunk = rows[start : start + self.reader.shard_size]
+        starts = range(0, len(rows), SCORE_CHUNK)
+        for start in tqdm(starts, desc="exact scores" if exact else "stage-1 scores", unit="chunk", disable=not progress):
+            chunk = rows[start : start + SCORE_CHUNK]
             if exact:
                 out[:, start : start + len(chunk)] = self.rescore(p, self.training_set(chunk)).scores
             else:
@@ -216,7 +225,8 @@ class GradIndex:
     def _stage1(self, embedding: QueryEmbedding, options: QueryOptions) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each query's k1 FAISS candidates and their stage-1 scores (all queries in one search)."""
         sign = _sign(options)
-        scores, rows = ann.search(self.faiss_index, sign * embedding.vectors, options.k1, options.nprobe or self.manifest.index.nprobe)
+        scores, rows = ann.search(self.faiss_index, sign * embedding.vectors, options.k1, options.nprobe or self.manifest.index.nprobe,
+                                  self._live_only)
         return [(r[r >= 0], sign * s[r >= 0]) for r, s in zip(rows, scores)]
 
     def _normaliser(self, embedding: QueryEmbedding, q: int, rows: np.ndarray, options: QueryOptions) -> np.ndarray:
