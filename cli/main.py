@@ -107,7 +107,7 @@ def build(
     device: str = DeviceOpt,
 ):
     """Build an influence index of the training data (fits EK-FAC factors first unless --factors)."""
-    compression = CompressionConfig(budget=parse_size(budget), stage1_dim=stage1_dim, block_cost=block_cost, seed=seed)
+    compression = CompressionConfig(budget=parse_size(budget, "--budget"), stage1_dim=stage1_dim, block_cost=block_cost, seed=seed)
     options = BuildOptions(text_field=text_field, max_length=max_length, modules=modules, compression=compression, shard_size=shard_size,
                            token_budget=token_budget, max_memory=max_memory or _B.max_memory, index_key=index_key)
     part = parse_part(shard)
@@ -140,7 +140,11 @@ def add(
     device: str = DeviceOpt,
 ):
     """Append rows to a built index with its own factors and compression (no rebuild). Re-run after a kill to finish."""
+    generation = pipeline.info(index_dir).generation
     manifest = pipeline.add(index_dir, data, model=model, text_field=text_field, token_budget=token_budget, dtype=dtype, device=device)
+    if manifest.generation == generation:
+        typer.echo(f"nothing to add: {index_dir} already holds the rows of {data}")
+        return
     typer.echo(manifest.summary(index_dir))
     if manifest.additions and (drift := manifest.additions[-1].drift) is not None:
         advice = ("the factors fit these rows as well as the built ones" if drift < DRIFT_REFIT else

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import GradIndexError
 
 DEFAULT_MAX_MEMORY = 4 * 2**30
+TRAIN_BYTES = 256 * 2**20  # the float32 training sample held at once (64 KiB codes: 2,048 rows, not 1.3 GB)
 
 
 def faiss_module():
@@ -90,7 +91,8 @@ def build_index(
     work = _to_gpu(index) if use_gpu else index
     if not index.is_trained:
         nlist = _nlist(key)
-        n_train = min(n, max(64 * nlist, 10_000))
+        # IVF needs its 64 rows per list; otherwise (RaBitQ's centre) 10,000 rows, fewer where they would pass TRAIN_BYTES
+        n_train = min(n, max(64 * nlist, min(10_000, TRAIN_BYTES // (4 * dim))))
         rows = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
         train = np.ascontiguousarray(sample(rows), dtype=np.float32)
         if len(train) < max(nlist, 1):

@@ -47,6 +47,8 @@ def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, p
     if len(dataset) == 0:
         raise GradIndexError(f"data {data} has no rows")
     existing = store.load_build_config(out)
+    if factors is None and part.distributed and not has_factors(out / store.FACTORS_DIR):
+        factors = _fit(lm, data, dataset, options, progress, part)  # every rank fits its share; rank 0 places the sums
     if part.leader:
         fitted, factors_hash = _place_factors(lm, data, dataset, out, factors, existing, options, progress)
     part.barrier()
@@ -108,11 +110,13 @@ def _place_factors(lm, data, dataset, out: Path, source, existing: BuildConfig |
         if source.resolve() != target.resolve() and not (expected is not None and has_factors(target)):
             copy_factors(source, target)
         return factors, digest
-    factors = source if source is not None else fit(
-        lm, dataset, text_field=options.text_field, max_length=options.max_length, modules=options.modules,
-        token_budget=options.token_budget, progress=progress, data_name=describe_data(data),
-    )
+    factors = source if source is not None else _fit(lm, data, dataset, options, progress, Part())
     return factors, factors.save(target, expect_sha256=expected)
+
+
+def _fit(lm, data, dataset, options: BuildOptions, progress: bool, part: Part) -> Factors:
+    return fit(lm, dataset, text_field=options.text_field, max_length=options.max_length, modules=options.modules,
+               token_budget=options.token_budget, progress=progress, data_name=describe_data(data), part=part)
 
 
 def _build_shard(lm: LanguageModel, compressor: Compressor, dataset, config: BuildConfig, out: Path, j: int, token_budget: int) -> None:

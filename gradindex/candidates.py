@@ -50,7 +50,7 @@ class Candidates:
                 lexical = Lexical.fit(self.reader.texts(), self.reader.removed)
                 try:
                     write_lexical(self.reader.root, lexical, self.content_fingerprint, self.generation)
-                except OSError:
+                except (OSError, GradIndexError):
                     pass  # a read-only index keeps it in memory
             self._lexical = lexical
         return self._lexical

@@ -20,6 +20,8 @@ from typing import Any, Iterator, TypeVar
 from .errors import GradIndexError
 
 T = TypeVar("T")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -36,6 +38,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         for written in [tmp, *sorted(tmp.rglob("*"))] if tmp.is_dir() else [tmp]:
+            # as the umask says, whatever the writing library chose (safetensors makes its files 0600: a team
+            # sharing an index could not read its factors)
+            os.chmod(written, (0o777 if written.is_dir() else 0o666) & ~_UMASK)
             _fsync(written)
         _fault_point(path)
         if tmp.is_dir() and path.is_dir():
@@ -109,9 +114,17 @@ def writer_lock(folder: str | Path, what: str = "build") -> Iterator[None]:
         handle.truncate()
         handle.write(f"gradindex {what} (pid {os.getpid()} on {socket.gethostname()})")
         handle.flush()
+        _remove_temporaries(folder)
         yield
     finally:
         handle.close()  # releases the lock
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """What writers killed mid-write left (an ``atomic_write`` temporary outlives a SIGKILL): with the lock held,
+    no live writer owns one."""
+    for tmp in sorted(folder.rglob(".*.tmp"), key=lambda p: -len(p.parts)):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> None:

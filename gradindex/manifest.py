@@ -253,7 +253,11 @@ class Manifest:
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise GradIndexError(f"{where} is incomplete or damaged ({type(e).__name__}: {e})") from None
-        return from_dict(cls, data, where=where)
+        manifest = from_dict(cls, data, where=where)
+        covered = [0] + [r for s in manifest.shards for r in s.rows]
+        if covered[-1] != manifest.n_rows or any(a != b for a, b in zip(covered[::2], covered[1::2])) or manifest.index.ntotal != manifest.n_rows:
+            raise GradIndexError(f"{where} is damaged: its shard records and FAISS index do not hold rows 0–{manifest.n_rows - 1} once each")
+        return manifest
 
     def summary(self, root: Path | str) -> str:
         """What ``gradindex info`` prints."""

@@ -27,8 +27,8 @@ def _is_count(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from a count or a size such as ``"512M"`` or ``"4GiB"``."""
+def parse_size(size: int | str, what: str = "size") -> int:
+    """Bytes from a count or a size such as ``"512M"`` or ``"4GiB"``; ``what`` names it in the error."""
     if _is_count(size):
         return int(size)
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -36,7 +36,7 @@ def parse_size(size: int | str) -> int:
     try:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
-        raise GradIndexError(f"cannot read memory size {size!r} (e.g. 512M, 4G)") from None
+        raise GradIndexError(f"cannot read {what} {size!r} (e.g. 64K, 512M, 4G)") from None
 
 
 def parse_part(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -117,7 +117,7 @@ class BuildOptions:
     index_key: str | None = None  # a FAISS factory string overriding that choice
 
     def __post_init__(self):
-        object.__setattr__(self, "max_memory", parse_size(self.max_memory))
+        object.__setattr__(self, "max_memory", parse_size(self.max_memory, "memory size"))
         if self.max_memory <= 0:
             raise GradIndexError(f"max memory must be a positive size (e.g. 4G), got {self.max_memory}")
         if not _is_count(self.shard_size) or self.shard_size <= 0:

@@ -49,6 +49,16 @@ class Part:
             return f"cuda:{os.environ['LOCAL_RANK']}"
         return device
 
+    def sum(self, tensor):
+        """``tensor`` summed over the ranks, in place (gloo reduces on the CPU); this process's own when not distributed."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            total = tensor.cpu()
+            dist.all_reduce(total)
+            tensor.copy_(total)
+        return tensor
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist

@@ -31,12 +31,15 @@ from .search import GradIndex, QueryResult
 def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_field: str = "text", max_length: int | None = None,
         modules: str = "mlp", fisher: str = "true", seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
         dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Factors:
-    """Fit EK-FAC factors of ``model`` on ``data`` and, with ``out``, save them there."""
-    lm = load_model(model, tokenizer, dtype=dtype, device=device)
+    """Fit EK-FAC factors of ``model`` on ``data`` and, with ``out``, save them there. Launched by torchrun, the
+    ranks share the passes over the data and rank 0 saves."""
+    part = Part.of()
+    lm = load_model(model, tokenizer, dtype=dtype, device=part.device(device))
     factors = _fit(lm, data, text_field=text_field, max_length=max_length, modules=modules, fisher=fisher, seed=seed,
-                   token_budget=token_budget, progress=progress)
-    if out is not None:
+                   token_budget=token_budget, progress=progress, part=part)
+    if out is not None and part.leader:
         factors.save(out)
+    part.finish()
     return factors
 
 

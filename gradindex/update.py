@@ -29,7 +29,7 @@ from .manifest import Addition, Manifest
 from .model import LanguageModel
 from .reader import ShardReader
 
-DRIFT_REFIT = 2.0  # added rows whose typical self-influence is this many times the fitted rows': refit advised
+DRIFT_REFIT = 1.5  # added rows whose typical self-influence per token is this many times the built rows': refit advised (README: drift)
 _DRIFT_SAMPLE = 10_000
 
 
@@ -37,7 +37,7 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
         progress: bool = True) -> Manifest:
     """Append the rows of ``data`` to the index, coded with its own factors and compression; the FAISS index
     is extended (not retrained) and the TF-IDF refitted. Returns the new manifest (its last addition
-    carries the factors' measured ``drift``)."""
+    carries the factors' measured ``drift``), or the index's own, unchanged, when it already holds these rows."""
     root = Path(index)
     with writer_lock(root, "add"):
         manifest = store.load_manifest(root)
@@ -55,7 +55,7 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
             store.save_pending(root, None)
             return manifest
         if fingerprint == manifest.build.data_fingerprint or any(a.data_fingerprint == fingerprint for a in manifest.additions):
-            raise GradIndexError(f"{root} already holds the rows of {data}; adding them again would index every one twice")
+            return manifest  # already added (a re-run after a kill, or twice by mistake): its rows are never indexed twice
         start = manifest.n_rows
         addition = Addition(describe_data(data), fingerprint, field, (start, start + len(dataset)), len(manifest.shards))
         directory = store.shards_of(manifest)
@@ -100,7 +100,8 @@ def _add_shards(lm, compressor, dataset, addition: Addition, manifest: Manifest,
 
 def drift(reader: ShardReader, fitted_rows: int, addition: Addition) -> float:
     """How far the added rows sit from the data the factors were fitted on: the ratio of their median
-    self-influence I(z, z) = gᵀ(F + λ)⁻¹g to the build's rows' (≈ tr((F + λ)⁻¹F_added) / tr((F + λ)⁻¹F_fitted)).
+    self-influence per scored token, I(z, z) / T with I(z, z) = gᵀ(F + λ)⁻¹g, to the build's rows'
+    (≈ tr((F + λ)⁻¹F_added) / tr((F + λ)⁻¹F_fitted) per token: longer sequences alone do not move it).
     Near 1 when the added rows' gradient covariance matches the fitted one; above ``DRIFT_REFIT``
     the factors are stale for them and a refit (a new build) is advised."""
     rng = np.random.default_rng(0)
@@ -108,7 +109,10 @@ def drift(reader: ShardReader, fitted_rows: int, addition: Addition) -> float:
     def typical(rows: np.ndarray) -> float:
         rows = rows[~reader.is_removed(rows)]
         sample = np.sort(rng.choice(rows, min(len(rows), _DRIFT_SAMPLE), replace=False)) if len(rows) else rows
-        return float(np.median(reader.self_influence(sample))) if len(sample) else float("nan")
+        if not len(sample):
+            return float("nan")
+        tokens = np.maximum(np.asarray(reader.rows(sample, ("n_tokens",))["n_tokens"], dtype=np.float64) - 1, 1)
+        return float(np.median(reader.self_influence(sample) / tokens))
 
     base = typical(np.arange(min(fitted_rows, reader.n_rows)))
     return typical(np.arange(*addition.rows)) / base if base > 0 else float("nan")

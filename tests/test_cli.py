@@ -85,6 +85,7 @@ BAD = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_gets_one_line_and_nonzero_exit(workspace, tmp_path, case):
     args, message = BAD[case]
@@ -96,6 +97,7 @@ def test_bad_input_gets_one_line_and_nonzero_exit(workspace, tmp_path, case):
     assert not (tmp_path / "s.npy").exists() and not (tmp_path / "f").exists()
 
 
+@pytest.mark.bad_input
 def test_real_process_exits_nonzero_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cli.main", "fit", str(tmp_path / "missing"), "--data", "x.jsonl", "--out", str(tmp_path / "f")],
                           capture_output=True, text=True)

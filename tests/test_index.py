@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -167,6 +168,26 @@ def test_torchrun_ranks_build_the_same_index(ws, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["n_rows"] == N
 
 
+def test_torchrun_ranks_fit_the_factors_one_process_fits(ws, tmp_path):
+    """Each rank passes over its share of the batches; covariances, token counts and Λ are summed across ranks."""
+    from gradindex.factors import Factors
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.main", "fit",
+           str(ws / "model"), "--data", str(ws / "train.jsonl"), "--out", str(tmp_path / "f2"), "--token-budget", "64"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    single = pipeline.fit(str(ws / "model"), str(ws / "train.jsonl"), out=tmp_path / "f1", token_budget=64, progress=False)
+    split = Factors.load(tmp_path / "f2")
+    assert single.config.n_tokens == split.config.n_tokens and set(single.layers) == set(split.layers)
+    for name, f in single.layers.items():
+        g = split.layers[name]
+        for field in ("a_eigvals", "s_eigvals", "lam"):  # eigenvectors may flip sign; what they span and weigh is compared
+            np.testing.assert_allclose(getattr(g, field), getattr(f, field), rtol=1e-6, atol=1e-6 * getattr(f, field).abs().max())
+        for q, vals in (("q_a", "a_eigvals"), ("q_s", "s_eigvals")):
+            rebuilt = [getattr(x, q) @ torch.diag(getattr(x, vals).to(getattr(x, q).dtype)) @ getattr(x, q).T for x in (f, g)]
+            np.testing.assert_allclose(rebuilt[1], rebuilt[0], atol=1e-6 * rebuilt[0].abs().max())
+
+
 def test_index_types_are_chosen_by_memory_and_overridable(ws, tmp_path):
     from gradindex.ann import choose_key
 
@@ -181,12 +202,14 @@ def test_index_types_are_chosen_by_memory_and_overridable(ws, tmp_path):
     assert bad.exit_code == 2 and "faiss cannot make index" in bad.output
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("option", [["-k", "0"], ["-k", "-1"], ["-k", "71"], ["--k1", "0"], ["--k2", "-3"]])
 def test_bad_k_or_rank_is_refused(ws, option):
     result = runner.invoke(app, ["query", str(ws / "idx"), "--prompt", "music by", "--completion", " the", *option])
     assert result.exit_code == 2 and option[0].strip("-") in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("prompt,completion,message", [("", " the", "empty prompt"), ("music", "  ", "empty completion")])
 def test_empty_query_parts_are_refused(ws, prompt, completion, message):
     result = runner.invoke(app, ["query", str(ws / "idx"), "--prompt", prompt, "--completion", completion])
@@ -220,11 +243,13 @@ def test_missing_half_written_newer_and_corrupt_indexes_are_refused(ws, tmp_path
     assert "no manifest.json" in query(copy).output or "no index" in query(copy).output
 
 
+@pytest.mark.bad_input
 def test_mismatched_model_is_refused(ws):
     result = runner.invoke(app, ["query", str(ws / "idx"), "--model", str(ws / "other_model"), "--prompt", "music by", "--completion", " the"])
     assert result.exit_code == 2 and "another model" in result.output
 
 
+@pytest.mark.bad_input
 def test_bad_build_input_loses_nothing(ws, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
@@ -257,6 +282,7 @@ def test_python_build_fits_factors_when_none_are_given(ws, tmp_path, monkeypatch
         merge([], tmp_path / "none")
 
 
+@pytest.mark.bad_input
 def test_other_factors_are_refused_before_the_index_loses_its_own(ws, tmp_path):
     other = tmp_path / "other_factors"
     pipeline.fit(str(ws / "model"), str(ws / "train.jsonl"), out=other, seed=1, progress=False)
@@ -327,6 +353,7 @@ def test_outliers_list_the_highest_self_influence_stored_and_exact(ws, index):
     assert bad.exit_code == 2 and "n must be between" in bad.output
 
 
+@pytest.mark.bad_input
 def test_an_index_of_an_older_schema_is_refused_with_a_request_to_rebuild(ws, tmp_path):
     import shutil
 

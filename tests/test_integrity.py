@@ -36,7 +36,7 @@ def answer(index, job) -> list:
 
 def test_one_index_shared_by_8_threads_answers_exactly_as_sequentially(index):
     flags = [p.requires_grad for p in index.lm.model.parameters()]
-    jobs = mixed_queries(400)
+    jobs = mixed_queries(800)  # 8 threads × 100 queries
     sequential = [answer(index, job) for job in jobs]
     concurrent: list = [None] * len(jobs)
     errors: list[BaseException] = []
@@ -76,6 +76,7 @@ def ask(path, *extra):
     return runner.invoke(app, ["query", str(path), "--prompt", "music by", "--completion", " the old", "--k1", "70", "--k2", "70", *extra])
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name,where", [
     ("factors/factors.safetensors", "middle"), ("factors/factors.json", "middle"), ("index.faiss", "middle"),
     ("shards/00002.codes.npy", "middle"), ("shards/00002.codes.npy", "header"), ("shards/00001.meta.parquet", "middle"),
@@ -88,6 +89,7 @@ def test_one_flipped_byte_in_any_artifact_is_refused_in_one_line(ws, tmp_path, n
     assert "damaged" in result.output or "cannot read" in result.output
 
 
+@pytest.mark.bad_input
 def test_an_edited_factors_json_is_refused(ws, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(ws / "idx", copy)
@@ -106,6 +108,7 @@ def test_a_damaged_tfidf_is_rebuilt_from_the_metadata_not_used(ws, tmp_path):
     assert (copy / "lexical" / "matrix.npz").read_bytes() == (ws / "idx" / "lexical" / "matrix.npz").read_bytes()
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name", ["/etc/passwd", "../../outside.npy", "shards/../../x"])
 def test_a_manifest_cannot_name_a_file_outside_the_index(ws, tmp_path, name):
     copy = tmp_path / "copy"
@@ -139,12 +142,14 @@ API_CASES = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("message", list(API_CASES))
 def test_bad_api_input_is_one_clear_error(index, message):
     with pytest.raises(GradIndexError, match=message.replace("(", r"\(")):
         API_CASES[message](index)
 
 
+@pytest.mark.bad_input
 def test_bad_build_options_are_refused_before_any_shard(ws, tmp_path):
     from tiny import build_args
 
@@ -160,6 +165,7 @@ def test_bad_build_options_are_refused_before_any_shard(ws, tmp_path):
     assert cuda.exit_code == 2 and ("no CUDA GPU" in cuda.output or "cuda" in cuda.output)
 
 
+@pytest.mark.bad_input
 def test_a_second_writer_is_refused_while_the_first_holds_the_folder(ws, tmp_path):
     from tiny import build_args
 
@@ -170,6 +176,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(ws, tmp_pat
     assert runner.invoke(app, build_args(ws, tmp_path / "o")).exit_code == 0
 
 
+@pytest.mark.bad_input
 def test_merge_refuses_a_damaged_part(ws, tmp_path):
     from tiny import build_args
 

@@ -201,3 +201,14 @@ def test_typed_records_name_what_is_wrong():
     with pytest.raises(GradIndexError, match="sha256"):
         from_dict(FileEntry, {"name": "x", "bytes": 1})
     assert SCHEMA_VERSION == 3
+
+
+def test_written_files_follow_the_umask_whatever_the_library_chose(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    with atomic_write(tmp_path / "t.safetensors") as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp))  # safetensors itself creates 0600 files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -4,6 +4,7 @@ generation they opened."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +13,9 @@ from typer.testing import CliRunner
 from cli.main import app
 from gradindex import pipeline
 from gradindex.data import Query
-from gradindex.errors import GradIndexError
 from gradindex.search import GradIndex
 from gradindex.update import DRIFT_REFIT
-from tiny import build_args
+from tiny import build_args, random_texts
 
 runner = CliRunner()
 QUERIES = [Query("the king of the north", " wrote a book"), Query("music by", " the old composer"), Query("a red river", " of blue")]
@@ -80,19 +80,23 @@ def test_added_rows_answer_as_a_fresh_build_of_all_rows(grown):
     assert pipeline.verify(root) == []
 
 
-def test_adding_the_same_rows_again_is_refused(grown, tmp_path):
+def test_adding_the_same_rows_again_changes_nothing(grown, tmp_path):
     root, _, _ = grown
+    before = (root / "manifest.json").read_bytes()
     result = runner.invoke(app, ["add", str(root), "--data", str(root.parent / "rest.jsonl")])
-    assert result.exit_code == 2 and "already holds the rows" in result.output
+    assert result.exit_code == 0 and "nothing to add" in result.output and (root / "manifest.json").read_bytes() == before
 
 
 def test_drift_tells_same_data_from_other_data(ws, tmp_path):
     texts = texts_of(ws)
     root = built(ws, tmp_path, "base", texts[:BASE])
     same = pipeline.add(root, write_jsonl(tmp_path / "same.jsonl", texts[BASE:]), progress=False).additions[-1].drift
-    # another distribution: one word repeated, a sequence the model and its factors never saw the like of
-    other = pipeline.add(root, write_jsonl(tmp_path / "other.jsonl", ["zebra " * 30 + str(i) for i in range(20)]), progress=False)
-    assert 0.5 < same < DRIFT_REFIT <= other.additions[-1].drift, (same, other.additions[-1].drift)
+    longer = pipeline.add(root, write_jsonl(tmp_path / "longer.jsonl", random_texts(20, seed=9, lo=20, hi=40)), progress=False)
+    # another distribution: two words alternating, a sequence the factors never saw the like of
+    other = pipeline.add(root, write_jsonl(tmp_path / "other.jsonl", [" ".join(["king", "queen"] * 5) + f" {i}" for i in range(20)]),
+                         progress=False)
+    drifts = [same, longer.additions[-1].drift, other.additions[-1].drift]
+    assert 0.7 < drifts[0] < DRIFT_REFIT and 0.7 < drifts[1] < DRIFT_REFIT <= drifts[2], drifts  # length alone does not count
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +162,7 @@ def test_a_reader_keeps_the_generation_it_opened(ws, tmp_path):
     assert GradIndex.open(root).n == len(texts) - 2
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("args, message", [
     (["--rows", "3,x"], "--rows takes row ids"),
     (["--rows", "999"], "rows must be whole numbers from 0"),
@@ -178,6 +183,7 @@ def test_bad_removals_are_one_line_and_change_nothing(ws, tmp_path, args, messag
     assert (root / "manifest.json").read_bytes() == before
 
 
+@pytest.mark.bad_input
 def test_removing_needs_an_index_and_adding_needs_rows(ws, tmp_path):
     assert "no index at" in runner.invoke(app, ["remove", str(tmp_path / "none"), "--rows", "1"]).output
     root = tmp_path / "idx"
@@ -185,5 +191,47 @@ def test_removing_needs_an_index_and_adding_needs_rows(ws, tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     result = runner.invoke(app, ["add", str(root), "--data", str(empty)])
     assert result.exit_code == 2, result.output
-    with pytest.raises(GradIndexError, match="already holds the rows"):
-        pipeline.add(root, ws / "train.jsonl", progress=False)
+    assert pipeline.add(root, ws / "train.jsonl", progress=False).generation == 1  # the build's own rows: nothing to add
+
+
+READER = """
+import json, sys, time
+from pathlib import Path
+from gradindex.search import GradIndex
+root, stop = Path(sys.argv[1]), Path(sys.argv[2])
+while True:
+    done = stop.exists()
+    index = GradIndex.open(root)  # whatever manifest is complete at this instant
+    hits = [[(h.row, round(h.score, 5)) for h in index.query(p, c, k=5, candidates="hybrid").hits] for p, c in json.loads(sys.argv[3])]
+    print(json.dumps({"generation": index.manifest.generation, "hits": hits}), flush=True)
+    if done:
+        break
+"""
+
+
+def test_reader_processes_during_an_add_answer_from_a_complete_generation(ws, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    texts = texts_of(ws)
+    root = built(ws, tmp_path, "shared", texts[:BASE])
+    queries = [(q.prompt, q.completion) for q in QUERIES]
+
+    def expected():
+        index = GradIndex.open(root)
+        return [[(h.row, round(h.score, 5)) for h in index.query(p, c, k=5, candidates="hybrid").hits] for p, c in queries]
+
+    answers_at = {1: expected()}
+    stop = tmp_path / "stop"
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(root), str(stop), json.dumps(queries)], stdout=subprocess.PIPE,
+                                text=True, cwd=Path(__file__).parent.parent) for _ in range(3)]
+    first = [json.loads(r.stdout.readline()) for r in readers]  # every reader has answered once before the add starts
+    pipeline.add(root, write_jsonl(tmp_path / "more.jsonl", texts[BASE:]), progress=False)
+    answers_at[2] = expected()
+    time.sleep(1.0)
+    stop.write_text("")
+    lines = first + [json.loads(line) for r in readers for line in r.communicate(timeout=120)[0].splitlines()]
+    assert all(r.returncode == 0 for r in readers)
+    assert all(line["hits"] == [[list(h) for h in q] for q in answers_at[line["generation"]]] for line in lines)
+    assert {line["generation"] for line in lines} == {1, 2}
