@@ -177,8 +177,9 @@ def run(kills: int = 10, ops=OPS, seed: int = 0, log=print) -> dict:
                 by_kind.setdefault(category(path), []).append(n)
             at_writes = [rng.choice(v) for v in by_kind.values()]
             rng.shuffle(at_writes)
-            at_writes = (at_writes + rng.sample(range(1, len(writes) + 1), len(writes)))[: (kills + 1) // 2]
-            trials = [("write", n) for n in at_writes] + [("instant", rng.uniform(0.5, ref["seconds"])) for _ in range(kills // 2)]
+            n_writes = min(kills, max((kills + 1) // 2, len(by_kind)))  # every kind of file at least once
+            at_writes = (at_writes + rng.sample(range(1, len(writes) + 1), len(writes)))[:n_writes]
+            trials = [("write", n) for n in at_writes] + [("instant", rng.uniform(0.5, ref["seconds"])) for _ in range(kills - n_writes)]
             result = {"kills": 0, "resumed": 0, "killed_in": Counter(), "rows_compared": 0, "rows_lost": 0, "rows_duplicated": 0,
                       "files_identical": 0, "answers_identical": 0, "finished_before_kill": 0}
             for how, when in trials:

@@ -131,10 +131,12 @@ def _to_cpu(index):
     return faiss.index_gpu_to_cpu(index) if type(index).__name__.startswith("Gpu") else index
 
 
-def load_index(path, use_gpu: bool = False):
+def load_index(path, use_gpu: bool = False, mmap: bool = False):
+    """The index at ``path``; ``mmap``: flat codes (RaBitQ's) stay in the file's pages, which the kernel may drop
+    and re-read, instead of a copy in anonymous memory (reading one also held two copies for a moment)."""
     faiss = faiss_module()
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap and not use_gpu else 0)
     except RuntimeError as e:
         raise GradIndexError(f"cannot read FAISS index {path}: {str(e).strip().splitlines()[-1]}") from None
     return _to_gpu(index) if use_gpu else index

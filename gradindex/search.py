@@ -129,7 +129,7 @@ class GradIndex:
         factors = Factors.load(root / store.FACTORS_DIR)
         if factors.config.model_hash != manifest.build.model_hash:
             raise GradIndexError(f"index {root}: its factors belong to another model than its vectors")
-        faiss_index = store.read_faiss(root, manifest, use_gpu=ann.gpu_available() and str(device).startswith("cuda"))
+        faiss_index = store.read_faiss(root, manifest, use_gpu=ann.gpu_available() and str(device).startswith("cuda"), mmap=True)
         return cls(root, manifest, lm, factors, faiss_index, token_budget)
 
     def training_set(self, rows: Sequence[int]) -> TokenizedSet:

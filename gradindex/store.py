@@ -164,8 +164,8 @@ def write_faiss(root: Path, faiss_index, generation: int = 1) -> Path:
     return path
 
 
-def read_faiss(root: Path, manifest: Manifest, use_gpu: bool = False):
-    faiss_index = ann.load_index(Path(root) / manifest.index.file.name, use_gpu=use_gpu)
+def read_faiss(root: Path, manifest: Manifest, use_gpu: bool = False, mmap: bool = False):
+    faiss_index = ann.load_index(Path(root) / manifest.index.file.name, use_gpu=use_gpu, mmap=mmap)
     if faiss_index.ntotal != manifest.n_rows or faiss_index.d != manifest.vector_dim:
         raise GradIndexError(f"index {root}: {INDEX_FILE} holds {faiss_index.ntotal}×{faiss_index.d} vectors, the manifest says "
                              f"{manifest.n_rows}×{manifest.vector_dim}")

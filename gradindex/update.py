@@ -198,6 +198,5 @@ def compact(index: str | Path, *, progress: bool = True) -> Manifest:
         reader = ShardReader(root, records, config.compression.stage1_dim, check=False)
         faiss_index = ann.build_index(manifest.index.key, reader.stage1_dim, len(live), reader.vector_blocks,
                                       lambda r: reader.vectors(r).astype("float32"), seed=config.compression.seed)
-        new = publish(root, config, reader, manifest.index.key, faiss_index, generation=generation)
-        store.save_build_config(root, config)
-        return new
+        store.save_build_config(root, config)  # before the manifest: a kill between the two leaves a re-run to finish, not skip, it
+        return publish(root, config, reader, manifest.index.key, faiss_index, generation=generation)
