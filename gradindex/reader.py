@@ -4,6 +4,7 @@ are and what they hold is ``store``'s."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -144,8 +145,19 @@ class ShardReader:
             where = np.nonzero(shard == j)[0]
             local = rows[where] - self.starts[j]
             order = np.argsort(local)  # ascending reads are kinder to the page cache
-            out[where[order]] = arrays[j][local[order], :width]
+            out[where[order]] = _pread_rows(arrays[j], local[order], width)
         return out
+
+
+def _pread_rows(array: np.memmap, rows: np.ndarray, width: int) -> np.ndarray:
+    """Rows of a C-ordered memory-mapped array read with pread: indexing the map instead leaves the kernel's
+    read-around pages mapped, and a stage-2 read of 1,000 rows of 64 KiB grew a query's RSS by 680 MB, not 60."""
+    row_bytes = array.shape[1] * array.itemsize
+    out = np.empty((len(rows), width), dtype=array.dtype)
+    with open(array.filename, "rb") as f:
+        for i, row in enumerate(rows.tolist()):
+            out[i] = np.frombuffer(os.pread(f.fileno(), width * array.itemsize, array.offset + row * row_bytes), dtype=array.dtype)
+    return out
 
 
 def _map_array(path: Path) -> np.ndarray:
