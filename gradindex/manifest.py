@@ -74,6 +74,16 @@ class ShardRecord:
         return from_dict(cls, {**data, "rows": tuple(data.get("rows", ())), "files": files}, where="shard record")
 
 
+def rows_covered(records) -> int | None:
+    """How many rows the shard records hold when they cover 0, 1, … once each, in order; None when they do not."""
+    stop = 0
+    for r in records:
+        if r.rows[0] != stop:
+            return None
+        stop = r.rows[1]
+    return stop if records else None
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """What an index is built from; a resumed or merged build must agree on every field."""
@@ -254,8 +264,7 @@ class Manifest:
         except (KeyError, TypeError, AttributeError) as e:
             raise GradIndexError(f"{where} is incomplete or damaged ({type(e).__name__}: {e})") from None
         manifest = from_dict(cls, data, where=where)
-        covered = [0] + [r for s in manifest.shards for r in s.rows]
-        if covered[-1] != manifest.n_rows or any(a != b for a, b in zip(covered[::2], covered[1::2])) or manifest.index.ntotal != manifest.n_rows:
+        if rows_covered(manifest.shards) != manifest.n_rows or manifest.index.ntotal != manifest.n_rows:
             raise GradIndexError(f"{where} is damaged: its shard records and FAISS index do not hold rows 0–{manifest.n_rows - 1} once each")
         return manifest
 

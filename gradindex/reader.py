@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import GradIndexError
-from .manifest import ShardRecord
+from .manifest import ShardRecord, rows_covered
 from .store import check_hashes
 
 
@@ -30,7 +30,7 @@ class ShardReader:
     def __init__(self, root: Path, records: Sequence[ShardRecord], stage1_dim: int | None, *, removed: np.ndarray | None = None,
                  check: bool = True):
         self.root, self.records, self._stage1_dim = Path(root), list(records), stage1_dim
-        if not self.records or any(a.rows[1] != b.rows[0] for a, b in zip(self.records, self.records[1:])) or self.records[0].rows[0] != 0:
+        if rows_covered(self.records) is None:
             raise GradIndexError(f"index at {root}: its shard records do not cover consecutive rows from 0")
         self.starts = np.array([r.rows[0] for r in self.records], dtype=np.int64)
         self.n_rows, self.n_shards = self.records[-1].rows[1], len(self.records)
@@ -145,19 +145,18 @@ class ShardReader:
             where = np.nonzero(shard == j)[0]
             local = rows[where] - self.starts[j]
             order = np.argsort(local)  # ascending reads are kinder to the page cache
-            out[where[order]] = _pread_rows(arrays[j], local[order], width)
+            _pread_rows(arrays[j], local[order], out, where[order])
         return out
 
 
-def _pread_rows(array: np.memmap, rows: np.ndarray, width: int) -> np.ndarray:
-    """Rows of a C-ordered memory-mapped array read with pread: indexing the map instead leaves the kernel's
-    read-around pages mapped, and a stage-2 read of 1,000 rows of 64 KiB grew a query's RSS by 680 MB, not 60."""
-    row_bytes = array.shape[1] * array.itemsize
-    out = np.empty((len(rows), width), dtype=array.dtype)
+def _pread_rows(array: np.memmap, rows: np.ndarray, out: np.ndarray, into: np.ndarray) -> None:
+    """Rows of a C-ordered memory-mapped array read with pread into ``out[into]`` (``out``'s width of each):
+    indexing the map instead leaves the kernel's read-around pages mapped, and a stage-2 read of 1,000 rows of
+    64 KiB grew a query's RSS by 680 MB, not 60."""
+    row_bytes, width = array.shape[1] * array.itemsize, out.shape[1] * array.itemsize
     with open(array.filename, "rb") as f:
-        for i, row in enumerate(rows.tolist()):
-            out[i] = np.frombuffer(os.pread(f.fileno(), width * array.itemsize, array.offset + row * row_bytes), dtype=array.dtype)
-    return out
+        for position, row in zip(into.tolist(), rows.tolist()):
+            out[position] = np.frombuffer(os.pread(f.fileno(), width, array.offset + row * row_bytes), dtype=array.dtype)
 
 
 def _map_array(path: Path) -> np.ndarray:
