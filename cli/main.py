@@ -47,6 +47,8 @@ def fit(
     c = factors.config
     if c.n_truncated:
         typer.echo(f"truncated {c.n_truncated} of {c.n_sequences} sequences to {c.max_length} tokens", err=True)
+    if c.skipped:
+        typer.echo(f"note: skipped {len(c.skipped)} selected layers the model's forward never calls: {', '.join(c.skipped[:6])}", err=True)
     typer.echo(f"fitted {len(factors.layers)} layers on {c.n_sequences} sequences ({c.n_tokens} tokens) in {c.fit_seconds:.1f}s -> {out}")
 
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Batch
-from .layers import LayerSpec
+from .errors import GradIndexError
+from .layers import Conv1D, LayerSpec
 
 
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,8 +81,11 @@ def _graph_without_parameter_grads(model: nn.Module) -> Iterator[list[torch.Tens
 
 
 # Called with (layer name, a, delta) for each tracked layer as its output gradient arrives in the backward
-# pass: a (B, T, d_in') is the layer input after ``transform`` (bias column included, zero on padding),
-# delta (B, T, d_out) the loss gradient of its output. Only one layer's delta exists at a time.
+# pass: a (B, T', d_in') is the layer input after ``transform`` (bias column included, zero on padding),
+# delta (B, T', d_out) the loss gradient of its output. Only one layer's delta exists at a time. T' is the
+# batch's T times r: a layer applied per head (inputs of more than 3 dimensions) or called r times in one
+# forward has r positions per token, position c·T + t being head or call c of token t, so summing over T'
+# gives the layer's true gradient and ``fold_tokens`` gives each token's share.
 LayerFn = Callable[[str, torch.Tensor, torch.Tensor], None]
 InputTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -90,8 +94,53 @@ InputTransform = Callable[[str, torch.Tensor], torch.Tensor]
 _CAPTURE_LOCK = threading.RLock()
 
 
+def fold_tokens(per_position: torch.Tensor, width: int) -> torch.Tensor:
+    """(…, r·T) per-position values summed to (…, T) per token (see ``LayerFn``)."""
+    if per_position.shape[-1] == width:
+        return per_position
+    return per_position.reshape(*per_position.shape[:-1], -1, width).sum(-2)
+
+
+def _per_token(name: str, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A layer's input or output gradient as (B, r·T, d): heads moved ahead of the tokens, then flattened."""
+    b, t = shape
+    if x.dim() == 2 and x.shape[0] == b * t:  # some MLPs flatten (B*T, d) before their linear layers
+        return x.reshape(b, t, -1)
+    if x.dim() < 3 or tuple(x.shape[:2]) != (b, t):
+        raise GradIndexError(
+            f"layer {name}: input of shape {tuple(x.shape)} does not start with the batch's (sequences, tokens) = "
+            f"({b}, {t}), so its tokens cannot be attributed; leave it out of --modules"
+        )
+    if x.dim() == 3:
+        return x
+    return x.reshape(b, t, -1, x.shape[-1]).transpose(1, 2).reshape(b, -1, x.shape[-1])
+
+
+def _linear_output(name: str, module: nn.Module, x: torch.Tensor, out):
+    """The layer's own output. A subclass returning a tuple (MoE routers) is tracked through its first
+    element, and only when that element is the linear map of the input (else the gradient would be wrong)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    first = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else None
+    if first is not None:
+        with torch.no_grad():
+            weight = module.weight.T if isinstance(module, Conv1D) else module.weight
+            expected = F.linear(x.to(weight.dtype), weight, getattr(module, "bias", None))
+        if expected.shape == first.shape and torch.allclose(expected, first.detach(), rtol=1e-3, atol=1e-5):
+            return first
+    raise GradIndexError(f"layer {name} ({type(module).__name__}) returns {type(out).__name__}, not its linear output; "
+                         f"leave it out of --modules")
+
+
+def _check_finite(name: str, what: str, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise GradIndexError(f"layer {name}: {bad} non-finite values in its {what} (the model overflows or is NaN "
+                             f"in {str(x.dtype).removeprefix('torch.')} on this data; try another --dtype)")
+
+
 def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, on_layer: LayerFn, *,
-            transform: InputTransform | None = None, sample_seed: int | None = None) -> None:
+            transform: InputTransform | None = None, sample_seed: int | None = None) -> set[str]:
     """Run ``batch`` through ``model`` and hand each tracked layer's (a, delta) to ``on_layer``.
 
     Memory is the model's own activations plus each layer's (transformed) inputs until its gradient
@@ -99,39 +148,57 @@ def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, on_layer: L
     forward pass, and every delta is consumed and dropped inside the backward pass.
     ``sample_seed`` set: the loss uses labels sampled from the model (true Fisher), one generator per
     sequence seeded with ``sample_seed + row``; unset: the batch's own labels.
+    Returns the names of the layers the forward called; the others get zeros (their input is unknown).
     """
     modules = dict(model.named_modules())
-    mask = batch.attention_mask
-    inputs: dict[str, torch.Tensor] = {}
-    pending: dict[str, LayerSpec] = {s.name: s for s in layers}
+    mask = batch.attention_mask.bool()
+    calls: dict[str, list[torch.Tensor]] = {}  # per layer, each call's (transformed) input
+    grads: dict[str, dict[int, torch.Tensor]] = {}  # per layer, the output gradients arrived so far, by call
     handles = []
 
-    def deliver(spec: LayerSpec, grad: torch.Tensor) -> None:
-        a = inputs.pop(spec.name)
-        on_layer(spec.name, a, grad.reshape(*mask.shape, -1).to(a.dtype))
-        pending.pop(spec.name, None)
+    def positions_mask(width: int) -> torch.Tensor:
+        return mask.repeat(1, width // mask.shape[1]).unsqueeze(-1)
+
+    def deliver(spec: LayerSpec) -> None:
+        inputs, arrived = calls.pop(spec.name), grads.pop(spec.name, {})
+        deltas = [arrived.get(c) for c in range(len(inputs))]
+        deltas = [d if d is not None else torch.zeros(*a.shape[:2], spec.d_out, dtype=a.dtype, device=a.device)
+                  for a, d in zip(inputs, deltas)]
+        a, delta = (inputs[0], deltas[0]) if len(inputs) == 1 else (torch.cat(inputs, 1), torch.cat(deltas, 1))
+        on_layer(spec.name, a, delta)
+
+    def arrive(spec: LayerSpec, call: int, grad: torch.Tensor) -> None:
+        g = _per_token(spec.name, grad, mask.shape)
+        g = torch.where(positions_mask(g.shape[1]), g, 0).to(calls[spec.name][call].dtype)
+        _check_finite(spec.name, "output gradient", g)
+        grads.setdefault(spec.name, {})[call] = g
+        if len(grads[spec.name]) == len(calls[spec.name]):
+            deliver(spec)
 
     def forward_hook(spec: LayerSpec):
-        def keep(_module, args, out):
-            x = args[0].detach()
-            if x.dim() == 2:  # some MLPs flatten (B*T, d) before their linear layers
-                x = x.view(*mask.shape, -1)
-            m = mask.unsqueeze(-1).to(x.dtype)
-            x = x * m
-            a = torch.cat([x, m], dim=-1) if spec.has_bias else x
+        def keep(module, args, out):
+            out = _linear_output(spec.name, module, args[0], out)
+            x = _per_token(spec.name, args[0].detach(), mask.shape)
+            m = positions_mask(x.shape[1])
+            x = torch.where(m, x, 0)  # not x * mask: NaN at padded positions (NaN × 0) must not leak in
+            _check_finite(spec.name, "input", x)
+            a = torch.cat([x, m.to(x.dtype)], dim=-1) if spec.has_bias else x
             a = a.to(dtype)
-            inputs[spec.name] = transform(spec.name, a) if transform is not None else a
+            call = len(calls.setdefault(spec.name, []))
+            calls[spec.name].append(transform(spec.name, a) if transform is not None else a)
             if out.requires_grad:
-                out.register_hook(lambda grad: deliver(spec, grad))
+                out.register_hook(lambda grad: arrive(spec, call, grad))
 
         return keep
 
     device, dtype = device_and_dtype(model)
+    called: set[str] = set()
     with _CAPTURE_LOCK:
         try:
             handles = [modules[s.name].register_forward_hook(forward_hook(s)) for s in layers]
             with torch.enable_grad(), _graph_without_parameter_grads(model) as embedded:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                called = set(calls)
                 logits = logits.to(_compute_dtype(logits))
                 labels = batch.labels
                 if sample_seed is not None:
@@ -142,7 +209,11 @@ def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, on_layer: L
         finally:
             for h in handles:
                 h.remove()
-    for name, spec in list(pending.items()):  # outputs the loss does not depend on: zero gradient
-        if name in inputs:
-            a = inputs.pop(name)
-            on_layer(name, a, torch.zeros(*mask.shape, spec.d_out, dtype=a.dtype, device=a.device))
+    for spec in layers:  # outputs the loss does not depend on (zero gradient), layers the forward never called
+        if spec.name in calls:
+            deliver(spec)
+        elif spec.name not in called:
+            a = torch.zeros(*mask.shape, spec.d_in, dtype=dtype, device=mask.device)
+            on_layer(spec.name, transform(spec.name, a) if transform is not None else a,
+                     torch.zeros(*mask.shape, spec.d_out, dtype=dtype, device=mask.device))
+    return called

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class FitConfig:
     damping_scale: float = DEFAULT_DAMPING_SCALE
     gradindex_version: str = __version__
     fit_seconds: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # selected layers the forward never called, so not fitted
 
     @property
     def layer_specs(self) -> list[LayerSpec]:

@@ -71,6 +71,8 @@ def fit_factors(
     if not plan:
         raise GradIndexError("every training sequence is empty: nothing to fit factors on")
 
+    called = torch.zeros(len(layers), dtype=torch.int64, device=device)
+
     def passes(desc: str, on_layer) -> int:
         """One pass over ``train``; returns the number of tokens seen."""
         tokens = 0
@@ -78,7 +80,9 @@ def fit_factors(
         for rows in tqdm(mine, desc=desc, disable=not progress or not part.leader, unit="batch"):
             batch = collate(train, rows).to(device)
             tokens += int(batch.attention_mask.sum())
-            capture(model, layers, batch, on_layer, sample_seed=sample_seed)
+            names = capture(model, layers, batch, on_layer, sample_seed=sample_seed)
+            if len(layers) == len(called):  # the first pass, before never-called layers are dropped
+                called.add_(torch.tensor([s.name in names for s in layers], dtype=torch.int64, device=device))
         return int(part.sum(torch.tensor(tokens, dtype=torch.int64)))
 
     # Sums, and the saved factors, in float32 (float64 for a float64 model), as kronfluence keeps them:
@@ -93,6 +97,13 @@ def fit_factors(
         cov_s[name].addmm_(d.T, d)
 
     n_tokens = passes("covariances", covariances)
+    # A layer the forward never runs (Mamba's dt_proj under some kernels, a branch this data never takes) has
+    # no covariance to invert: it is left out of the factors, and FitConfig.skipped says so.
+    never = part.sum(called) == 0
+    skipped = [s.name for s, n in zip(layers, never.tolist()) if n]
+    layers = [s for s in layers if s.name not in skipped]
+    if not layers:
+        raise GradIndexError(f"none of the {len(skipped)} selected layers is called by the model's forward: {skipped[:4]}")
     bases = {}
     for s in tqdm(layers, desc="eigendecomposition", disable=not progress or not part.leader, unit="layer"):
         a_vals, q_a = _eigh(part.sum(cov_a.pop(s.name)) / n_tokens)
@@ -119,6 +130,7 @@ def fit_factors(
     }
     config = FitConfig(
         layers=[asdict(s) for s in layers],
+        skipped=skipped,
         n_sequences=len(train),
         n_tokens=train.n_tokens,
         n_truncated=train.n_truncated,

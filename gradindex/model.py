@@ -112,8 +112,9 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def context_length(model: nn.Module) -> int | None:
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    """The longest input the model's config admits, under whichever name its family gives it (MPT: max_seq_len)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture, device_and_dtype
+from .capture import capture, device_and_dtype, fold_tokens
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
 from .errors import GradIndexError
 from .factors import Factors
@@ -257,11 +257,14 @@ def score_preconditioned(
         def score(name: str, a: torch.Tensor, delta: torch.Tensor) -> None:
             s = contract(p[name], a, delta, per_token=per_token)
             if per_token:
+                s = fold_tokens(s, width)
                 tokens_total[:] = [s.float() + tokens_total[0]] if tokens_total else [s.float()]
                 s = s.sum(-1)
             layer_scores[name][:, rows] = s.double().cpu()
 
-        capture(model, layers, collate(train, rows).to(device), score)
+        batch = collate(train, rows).to(device)
+        width = batch.input_ids.shape[1]
+        capture(model, layers, batch, score)
         if per_token:
             totals = tokens_total[0].cpu().numpy()
             for b, r in enumerate(rows):
