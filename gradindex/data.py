@@ -61,13 +61,8 @@ class TokenizedSet:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    @property
-    def n_truncated(self) -> int:
-        return sum(self.truncated or ())
-
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(len(x) for x in self.input_ids))
+    n_truncated = property(lambda self: sum(self.truncated or ()))
+    n_tokens = property(lambda self: int(sum(len(x) for x in self.input_ids)))
 
     def fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
@@ -154,8 +149,7 @@ def _check_utf8(path: Path, chunk: int = 1 << 24) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}"
-    return text.splitlines()[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 def load_queries(path: str | Path) -> list[Query]:
@@ -244,23 +238,28 @@ def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int 
 
 
 def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> TokenizedSet:
-    """Tokenize prompt and completion apart, so that exactly the completion tokens are scored."""
+    """Each query tokenized as the model sees it: prompt + completion as one text, special tokens added once
+    by the post-processor, scored the tokens that end inside the completion (character offsets). Tokenized
+    apart, an EOS-appending post-processor puts EOS between the two and SentencePiece a scored '▁' before the
+    completion that never occurs in context. A slow tokenizer (no offsets) is read in two pieces."""
     ids_out, scored_out = [], []
     for i, q in enumerate(queries):
-        if not q.prompt.strip():
-            raise GradIndexError(f"query {i}: empty prompt")
-        if not q.completion.strip():
-            raise GradIndexError(f"query {i}: empty completion")
-        prompt = tokenizer(q.prompt, add_special_tokens=True)["input_ids"]
-        completion = tokenizer(q.completion, add_special_tokens=False)["input_ids"]
-        if not completion:
+        if not q.prompt.strip() or not q.completion.strip():
+            raise GradIndexError(f"query {i}: empty {'prompt' if not q.prompt.strip() else 'completion'}")
+        try:
+            encoded = tokenizer(q.prompt + q.completion, add_special_tokens=True, return_offsets_mapping=True)
+            ids = list(encoded["input_ids"])
+            scored = np.array([end > len(q.prompt) for _, end in encoded["offset_mapping"]], dtype=bool)
+        except (NotImplementedError, TypeError, KeyError):
+            prompt = tokenizer(q.prompt, add_special_tokens=True)["input_ids"]
+            ids = list(prompt) + list(tokenizer(q.completion, add_special_tokens=False)["input_ids"])
+            scored = np.arange(len(ids)) >= len(prompt)
+        if not scored.any():
             raise GradIndexError(f"query {i}: completion {q.completion!r} tokenizes to nothing")
-        if len(prompt) + len(completion) > max_length:
-            raise GradIndexError(
-                f"query {i} is {len(prompt) + len(completion)} tokens, longer than the maximum length {max_length}"
-            )
-        ids_out.append(np.asarray(prompt + completion, dtype=np.int64))
-        scored_out.append(np.arange(len(prompt) + len(completion)) >= len(prompt))
+        if len(ids) > max_length:
+            raise GradIndexError(f"query {i} is {len(ids)} tokens, longer than the maximum length {max_length}")
+        ids_out.append(np.asarray(ids, dtype=np.int64))
+        scored_out.append(scored)
     return TokenizedSet(ids_out, scored_out, pad_id=_pad_id(tokenizer))
 
 

@@ -101,3 +101,46 @@ def test_fitting_on_only_empty_texts_is_refused(tokenizer):
     model = tiny_model("gpt2")
     with pytest.raises(GradIndexError, match="every training sequence is empty"):
         fit_factors(model, tokenize_texts(tokenizer, ["", ""], 8), select_layers(model), progress=False)
+
+
+CORPUS = ["The capital of Zorbania is Quellport.", "The river of Quellport flows north.", "A king wrote a book in Zorbania.",
+          "The capital city is old and large."] * 4
+
+
+def _trained_tokenizer(kind: str):
+    """Offline stand-ins for the tokenizers users bring: GPT-2's byte-level BPE, byte-level BPE whose post-
+    processor appends EOS, and Llama-2-style SentencePiece (Metaspace, BOS added)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind == "sentencepiece":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if kind != "sentencepiece" else []
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet))
+    if kind == "bpe_eos":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    if kind == "sentencepiece":  # merges learnt within words; then Llama-2's own pipeline: prepend ▁, spaces to ▁, no split
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe_eos", "sentencepiece"])
+def test_a_query_is_tokenized_once_as_the_model_sees_it(kind):
+    tok = _trained_tokenizer(kind)
+    prompt, completion = "The capital of Zorbania is", " Quellport."
+    q = tokenize_queries(tok, [Query(prompt, completion)], 64)
+    ids, scored = q.input_ids[0].tolist(), q.scored[0]
+    assert ids == tok(prompt + completion)["input_ids"]  # the full text, special tokens where the tokenizer puts them
+    assert tok.decode([i for i, s in zip(ids, scored) if s]).strip() == "Quellport."
+    assert tok.eos_token_id not in [i for i, s in zip(ids, scored) if s]
+    assert tok.eos_token_id not in ids[:-1]  # never between prompt and completion
+    if kind == "sentencepiece":
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
