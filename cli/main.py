@@ -47,6 +47,9 @@ def fit(
     c = factors.config
     if c.n_truncated:
         typer.echo(f"truncated {c.n_truncated} of {c.n_sequences} sequences to {c.max_length} tokens", err=True)
+    typer.echo(f"tracked_fraction {c.tracked_fraction:.3f} of the blocks' weights", err=True)
+    if c.note:
+        typer.echo(f"warning: {c.note}", err=True)
     if c.skipped:
         typer.echo(f"note: skipped {len(c.skipped)} selected layers the model's forward never calls: {', '.join(c.skipped[:6])}", err=True)
     typer.echo(f"fitted {len(factors.layers)} layers on {c.n_sequences} sequences ({c.n_tokens} tokens) in {c.fit_seconds:.1f}s -> {out}")
@@ -216,6 +219,23 @@ def query(
                            damping=damping, damping_scale=damping_scale, candidates=candidates, distinct=distinct)
     for r in pipeline.query(index_dir, as_queries(queries, prompt=prompt, completion=completion), options=options, model=model, dtype=dtype, device=device):
         typer.echo(json.dumps({key: v for key, v in asdict(r).items() if key != "trace"}) if as_json else r.summary())
+
+
+@command
+def layers(
+    model: str = ModelArg,
+    modules: str = typer.Option(_FIT["modules"], "--modules", help="'mlp' (default), 'all' linear layers in the blocks, or a regex over module names."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    dtype: Optional[str] = DtypeOpt,
+):
+    """Which modules a fit would track (a dry run): name, kind, shape, and the share of the blocks' weights covered."""
+    found = pipeline.layers(model, modules=modules, dtype=dtype)
+    width = max(len(d["name"]) for d in found["layers"])
+    typer.echo(json.dumps(found) if as_json else "\n".join(
+        [f"{d['name']:<{width}}  {d['kind']:<7} {d['d_out']} x {d['d_in']}" for d in found["layers"]]
+        + [f"{len(found['layers'])} layers (d_out x d_in, a bias as one more input), tracked_fraction {found['tracked_fraction']:.3f}"]))
+    if found["note"] and not as_json:
+        typer.echo(f"warning: {found['note']}", err=True)
 
 
 @command

@@ -53,6 +53,9 @@ class FitConfig:
     gradindex_version: str = __version__
     fit_seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)  # selected layers the forward never called, so not fitted
+    tracked_fraction: float = 0.0  # share of the blocks' ≥ 2-D weights the layers cover (``layers.coverage``)
+    untracked_mlp: list[str] = field(default_factory=list)  # MLP/expert weights the selection leaves out
+    note: str = ""  # the warning about those, if any
 
     @property
     def layer_specs(self) -> list[LayerSpec]:

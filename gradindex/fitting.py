@@ -14,7 +14,7 @@ from .capture import capture, device_and_dtype
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, describe_data, load_texts, plan_batches, tokenize_texts
 from .errors import GradIndexError
 from .factors import Factors, FitConfig, LayerFactors, rotated_sequence_gradients
-from .layers import LayerSpec, select_layers
+from .layers import LayerSpec, coverage, select_layers
 from .model import LanguageModel
 from .parallel import Part
 
@@ -31,6 +31,7 @@ def fit(lm: LanguageModel, data, *, text_field: str = "text", max_length: int | 
     describe = dict(
         model=lm.name, model_hash=lm.model_hash, tokenizer_hash=lm.tokenizer_hash, data=data_name or describe_data(data),
         text_field=text_field, modules=modules, max_length=max_length,
+        **{k: v for k, v in coverage(lm.model, layers).items() if k != "layers"},
     )
     return fit_factors(lm.model, train, layers, describe=describe, **options)
 

@@ -97,3 +97,28 @@ def _summarise(names: list[str], limit: int = 12) -> str:
     collapsed = list(dict.fromkeys(re.sub(r"\.\d+\.", ".N.", n) for n in names))
     shown = ", ".join(collapsed[:limit])
     return shown + (f", … ({len(collapsed) - limit} more)" if len(collapsed) > limit else "") if collapsed else "(none)"
+
+
+def block_weights(model: nn.Module) -> dict[str, int]:
+    """The blocks' parameters of two or more dimensions (weights, fused expert tensors), name → size."""
+    prefixes = _blocks_prefixes(model)
+    return {n: p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and any(n.startswith(q) for q in prefixes)}
+
+
+def coverage(model: nn.Module, layers: list[LayerSpec]) -> dict:
+    """What a selection tracks: each layer's name, kind and shape, ``tracked_fraction`` (the share of the blocks'
+    ≥ 2-D parameters it covers), ``untracked_mlp`` (MLP or expert weights it leaves out, the ones that matter)
+    and ``note``, the one-line warning about those (empty when there are none)."""
+    weights = block_weights(model)
+    modules = dict(model.named_modules())
+    tracked = {f"{s.name}.weight" for s in layers}
+    untracked_mlp = [n for n in weights if n not in tracked and (_MLP_PATTERN.search(n) or "expert" in n)]
+    share = sum(weights[n] for n in untracked_mlp) / max(sum(weights.values()), 1)
+    return {
+        "layers": [{"name": s.name, "kind": "conv1d" if isinstance(modules[s.name], Conv1D) else "linear",
+                    "d_out": s.d_out, "d_in": s.d_in, "bias": s.has_bias} for s in layers],
+        "tracked_fraction": sum(weights.get(n, 0) for n in tracked) / max(sum(weights.values()), 1),
+        "untracked_mlp": untracked_mlp,
+        "note": f"{len(untracked_mlp)} MLP/expert weights ({share:.1%} of the blocks' weights) are not tracked, "
+                f"e.g. {untracked_mlp[0]}" if untracked_mlp else "",
+    }

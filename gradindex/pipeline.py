@@ -20,6 +20,7 @@ from .evaluation import evaluate as _evaluate
 from .factors import Factors
 from .fitting import fit as _fit
 from .manifest import Manifest
+from .layers import coverage, select_layers
 from .model import load_model
 from .options import BuildOptions, QueryOptions, parse_part
 from .parallel import Part
@@ -41,6 +42,13 @@ def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_fiel
         factors.save(out)
     part.finish()
     return factors
+
+
+def layers(model, *, tokenizer=None, modules: str = "mlp", dtype: str | None = None) -> dict:
+    """A dry run of a layer selection: which modules ``fit`` would track and what share of the blocks' weights
+    they are (:func:`layers.coverage`)."""
+    lm = load_model(model, tokenizer, dtype=dtype)
+    return {"model": lm.name, "modules": modules, **coverage(lm.model, select_layers(lm.model, modules))}
 
 
 def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] | str | Path, *, tokenizer=None,

@@ -63,3 +63,44 @@ def test_unknown_architecture_without_default_lists_module_names():
     with pytest.raises(GradIndexError, match=r"no default MLP layers known for Odd.*blocks\.N\.mix"):
         select_layers(Odd())
     assert [s.name for s in select_layers(Odd(), "all")] == ["blocks.0.mix", "blocks.1.mix"]
+
+
+def test_tracked_fraction_is_the_share_of_the_blocks_weights_covered():
+    from gradindex.layers import coverage
+
+    model = tiny_model("llama", layers=2)
+    blocks = {n: p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.") and p.dim() >= 2}
+    mlp = sum(v for n, v in blocks.items() if ".mlp." in n)
+    found = coverage(model, select_layers(model))
+    assert found["tracked_fraction"] == pytest.approx(mlp / sum(blocks.values()))
+    assert [d["name"] for d in found["layers"]] == [s.name for s in select_layers(model)] and found["note"] == ""
+    assert coverage(model, select_layers(model, "all"))["tracked_fraction"] == pytest.approx(1.0)
+    partial = coverage(model, select_layers(model, "gate_proj"))
+    assert partial["untracked_mlp"] == [n for n in blocks if "up_proj" in n or "down_proj" in n]
+    assert partial["note"].startswith("4 MLP/expert weights")
+
+
+def test_fused_moe_experts_left_untracked_are_named():
+    import transformers as tf
+    from gradindex.layers import coverage
+
+    config = tf.MixtralConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                              num_local_experts=4, num_experts_per_tok=2, vocab_size=50, max_position_embeddings=64)
+    found = coverage(tf.MixtralForCausalLM(config), select_layers(tf.MixtralForCausalLM(config), "all"))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in found["untracked_mlp"] and found["tracked_fraction"] < 0.2
+    assert found["note"].startswith("6 MLP/expert weights (89")
+
+
+def test_layers_command_prints_the_selection_as_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tiny import word_tokenizer
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "m")
+    word_tokenizer().save_pretrained(tmp_path / "m")
+    run = subprocess.run([sys.executable, "-m", "cli.main", "layers", str(tmp_path / "m"), "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout)
+    assert [d["kind"] for d in found["layers"]] == ["conv1d"] * 4 and found["tracked_fraction"] == pytest.approx(2 / 3)
