@@ -33,7 +33,8 @@ from scipy.stats import spearmanr
 
 from gradindex import CompressionConfig, Factors, load_model
 from gradindex.capture import capture
-from gradindex.data import collate, load_queries, load_texts, plan_batches, tokenize_queries, tokenize_texts
+from gradindex.corpus import load_texts
+from gradindex.data import collate, load_queries, plan_batches, tokenize_queries, tokenize_texts
 from gradindex.factors import rotated_sequence_gradients
 from gradindex.options import parse_size
 

@@ -116,7 +116,8 @@ def plain_forward_backward(model_dir: Path, data: Path, max_length: int, n: int,
     """Sequences per second of a plain training step's forward+backward (parameter gradients) on the same batches."""
     import torch
 
-    from gradindex.data import collate, load_texts, plan_batches, tokenize_texts
+    from gradindex.corpus import load_texts
+    from gradindex.data import collate, plan_batches, tokenize_texts
     from gradindex.model import load_model
 
     lm = load_model(str(model_dir))

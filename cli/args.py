@@ -21,6 +21,7 @@ _FIT, _OUTLIERS = ({name: p.default for name, p in inspect.signature(f).paramete
 ModelArg = typer.Argument(..., help="Hugging Face causal LM: a local folder or a hub name.")
 DataOpt = typer.Option(..., "--data", help="Training data: a json/jsonl/parquet/csv/txt file, a saved dataset folder, or a hub name.")
 TextFieldOpt = typer.Option(_B.text_field, "--text-field", help="Column holding the training text.")
+SplitOpt = typer.Option(None, "--split", help="Split of data that has several (default: train, or the only one).")
 TokenBudgetOpt = typer.Option(_B.token_budget, "--token-budget", help="Padded tokens per batch (raise it on a GPU).")
 DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32, float64, bfloat16, float16 (default: as saved).")
 DeviceOpt = typer.Option(_FIT["device"], "--device", help="torch device, e.g. cpu or cuda.")

@@ -17,7 +17,7 @@ import numpy as np
 import typer
 
 from cli.args import (
-    app, _B, _Q, _C, _FIT, _OUTLIERS, ModelArg, DataOpt, TextFieldOpt, TokenBudgetOpt, DtypeOpt, DeviceOpt, IndexArg, IndexModelOpt, PromptOpt, CompletionOpt, QueriesOpt, KOpt, K1Opt, K2Opt, NprobeOpt, DampingOpt, DampingScaleOpt, MaxMemoryOpt, IndexKeyOpt, command,
+    app, _B, _Q, _C, _FIT, _OUTLIERS, ModelArg, DataOpt, TextFieldOpt, SplitOpt, TokenBudgetOpt, DtypeOpt, DeviceOpt, IndexArg, IndexModelOpt, PromptOpt, CompletionOpt, QueriesOpt, KOpt, K1Opt, K2Opt, NprobeOpt, DampingOpt, DampingScaleOpt, MaxMemoryOpt, IndexKeyOpt, command,
 )
 from gradindex import pipeline
 from gradindex.analysis import DEFAULT_SAMPLE
@@ -32,7 +32,7 @@ def fit(
     model: str = ModelArg,
     data: str = DataOpt,
     out: Path = typer.Option(..., "--out", help="Folder to write factors.safetensors and factors.json to."),
-    text_field: str = TextFieldOpt,
+    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences to this many tokens (default: the model's context, at most 2048)."),
     modules: str = typer.Option(_FIT["modules"], "--modules", help="'mlp' (default), 'all' linear layers in the blocks, or a regex over module names."),
     empirical_fisher: bool = typer.Option(False, "--empirical-fisher", help="Use the data's labels instead of labels sampled from the model."),
@@ -42,7 +42,7 @@ def fit(
     device: str = DeviceOpt,
 ):
     """Fit EK-FAC factors of MODEL on the training data."""
-    factors = pipeline.fit(model, data, out=out, text_field=text_field, max_length=max_length, modules=modules,
+    factors = pipeline.fit(model, data, out=out, text_field=text_field, split=split, max_length=max_length, modules=modules,
                            fisher="empirical" if empirical_fisher else "true", seed=seed, token_budget=token_budget, dtype=dtype, device=device)
     c = factors.config
     if c.n_truncated:
@@ -64,7 +64,7 @@ def scores(
     queries: Optional[Path] = QueriesOpt,
     prompt: Optional[str] = PromptOpt,
     completion: Optional[str] = CompletionOpt,
-    text_field: str = TextFieldOpt,
+    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted)."),
     damping: Optional[float] = DampingOpt,
     damping_scale: Optional[float] = DampingScaleOpt,
@@ -78,7 +78,7 @@ def scores(
 ):
     """Exact EK-FAC influence of every training sequence on every query."""
     result = pipeline.score(
-        model, factors, data, as_queries(queries, prompt=prompt, completion=completion), text_field=text_field, max_length=max_length,
+        model, factors, data, as_queries(queries, prompt=prompt, completion=completion), text_field=text_field, split=split, max_length=max_length,
         token_budget=token_budget, damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token,
         query_rank=query_rank, dtype=dtype, device=device,
     )
@@ -96,7 +96,7 @@ def build(
     data: str = DataOpt,
     out: Path = typer.Option(..., "--out", help="Index folder, e.g. indexes/NAME. Re-running the same command resumes it."),
     factors: Optional[Path] = typer.Option(None, "--factors", help="Factors from `gradindex fit` (default: fit them first)."),
-    text_field: str = TextFieldOpt,
+    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted, else the model's context)."),
     modules: str = typer.Option(_B.modules, "--modules", help="Layers, when fitting factors here: 'mlp', 'all' or a regex."),
     budget: str = typer.Option(f"{_C.budget // 1024}K", "--budget", help="Bytes stored per sequence, e.g. 16K or 64K, whatever the model's size (codes + their stage-1 FAISS codes)."),
@@ -113,7 +113,7 @@ def build(
 ):
     """Build an influence index of the training data (fits EK-FAC factors first unless --factors)."""
     compression = CompressionConfig(budget=parse_size(budget, "--budget"), stage1_dim=stage1_dim, block_cost=block_cost, seed=seed)
-    options = BuildOptions(text_field=text_field, max_length=max_length, modules=modules, compression=compression, shard_size=shard_size,
+    options = BuildOptions(text_field=text_field, split=split, max_length=max_length, modules=modules, compression=compression, shard_size=shard_size,
                            token_budget=token_budget, max_memory=max_memory or _B.max_memory, index_key=index_key)
     part = parse_part(shard)
     pipeline.build(model, data, out, factors=factors, options=options, shard=part, dtype=dtype, device=device)
@@ -139,14 +139,14 @@ def add(
     index_dir: Path = IndexArg,
     data: str = DataOpt,
     model: Optional[str] = IndexModelOpt,
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Column holding the text (default: the index's)."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Column holding the text (default: the index's)."), split: Optional[str] = SplitOpt,
     token_budget: int = TokenBudgetOpt,
     dtype: Optional[str] = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Append rows to a built index with its own factors and compression (no rebuild). Re-run after a kill to finish."""
     generation = pipeline.info(index_dir).generation
-    manifest = pipeline.add(index_dir, data, model=model, text_field=text_field, token_budget=token_budget, dtype=dtype, device=device)
+    manifest = pipeline.add(index_dir, data, model=model, text_field=text_field, split=split, token_budget=token_budget, dtype=dtype, device=device)
     if manifest.generation == generation:
         typer.echo(f"nothing to add: {index_dir} already holds the rows of {data}")
         return

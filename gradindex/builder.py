@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from . import ann, store
 from .compress import Compressor
-from .data import describe_data, load_texts, texts_fingerprint, tokenize_texts
+from .corpus import describe_data, load_texts, texts_fingerprint
+from .data import tokenize_texts
 from .errors import GradIndexError
 from .factors import FACTORS_FILE, Factors, copy_factors, has_factors
 from .files import sha256, writer_lock
@@ -43,7 +44,7 @@ def build(lm: LanguageModel, data, out: str | Path, *, factors: Factors | str | 
 
 
 def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, part: Part, progress: bool) -> Path:
-    dataset = load_texts(data, text_field=options.text_field)
+    dataset = load_texts(data, text_field=options.text_field, split=options.split)
     if len(dataset) == 0:
         raise GradIndexError(f"data {data} has no rows")
     existing = store.load_build_config(out)

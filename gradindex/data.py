@@ -1,4 +1,4 @@
-"""Training texts and queries: loading, tokenizing, and batching by a token budget."""
+"""Queries and token ids: the query reader, tokenizing training text and queries, and batching by a token budget."""
 
 from __future__ import annotations
 
@@ -11,14 +11,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import GradIndexError
+from .errors import GradIndexError, first_line
 
 # Padded tokens per batch. On CPU, larger batches lose more to allocating (B, T, vocab) temporaries
 # than they gain (measured with benchmarks/bench_kronfluence.py: 2,048 scored 1.4x faster than 8,192).
 DEFAULT_TOKEN_BUDGET = 2048
-
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-
 
 @dataclass(frozen=True)
 class Query:
@@ -86,72 +83,6 @@ class Batch:
         return Batch(self.rows, self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
-def load_texts(data, text_field: str = "text", split: str = "train"):
-    """Load training data with ``datasets`` and return it as a ``Dataset`` with a string ``text_field``.
-
-    ``data`` may be a ``datasets.Dataset``, a json/jsonl/parquet/csv/txt file, a folder saved with
-    ``save_to_disk``, a folder of data files, or a hub dataset name.
-    """
-    import datasets
-
-    if isinstance(data, datasets.DatasetDict):
-        data = data[split] if split in data else next(iter(data.values()))
-    if not isinstance(data, datasets.Dataset):
-        data = _load_dataset(str(data), split)
-    if text_field not in data.column_names:
-        raise GradIndexError(f"data has no text field {text_field!r}; its columns are {data.column_names} (use --text-field)")
-    return data
-
-
-def _load_dataset(source: str, split: str):
-    import datasets
-
-    path = Path(source)
-    try:
-        if path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise GradIndexError(f"cannot read {path}: expected one of {sorted(_FILE_BUILDERS)}")
-            if builder != "parquet":
-                _check_utf8(path)
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
-            loaded = datasets.load_from_disk(str(path))
-            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        if not path.exists() and (source.startswith((".", "/")) or path.suffix):
-            raise GradIndexError(f"data not found: {source}")
-        return datasets.load_dataset(source, split=split)
-    except GradIndexError:
-        raise
-    except UnicodeDecodeError as e:
-        raise GradIndexError(f"data {source} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except Exception as e:  # datasets raises many types; the user needs the message, not the stack
-        raise GradIndexError(f"cannot load data {source}: {_one_line(e)}") from None
-
-
-def _check_utf8(path: Path, chunk: int = 1 << 24) -> None:
-    """Refuse text files that are not UTF-8: some ``datasets`` readers would silently replace the bytes."""
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as e:
-                raise GradIndexError(f"data {path} is not valid UTF-8 (byte {offset + e.start}: {e.reason})") from None
-            offset += len(block)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise GradIndexError(f"data {path} is not valid UTF-8 (truncated character at the end)") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".splitlines()[0]
-
-
 def load_queries(path: str | Path) -> list[Query]:
     """Queries from a jsonl file of ``{"prompt": …, "completion": …}`` objects."""
     path = Path(path)
@@ -169,7 +100,7 @@ def load_queries(path: str | Path) -> list[Query]:
             row = json.loads(line)
             queries.append(Query(row["prompt"], row["completion"]))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise GradIndexError(f"{path}:{n}: expected a JSON object with 'prompt' and 'completion' ({_one_line(e)})") from None
+            raise GradIndexError(f"{path}:{n}: expected a JSON object with 'prompt' and 'completion' ({first_line(e)})") from None
         except GradIndexError as e:  # a prompt or completion that is not text
             raise GradIndexError(f"{path}:{n}: {e}") from None
     if not queries:
@@ -197,23 +128,6 @@ def as_queries(queries=None, *, prompt: str | None = None, completion: str | Non
     if not queries:
         raise GradIndexError("no queries given (an empty list)")
     return queries
-
-
-def describe_data(data) -> str:
-    """How an index and its factors name their data: a local path made absolute, a hub name, or the object's type."""
-    if isinstance(data, (str, Path)):
-        return str(Path(data).resolve()) if Path(data).exists() else str(data)
-    return type(data).__name__
-
-
-def texts_fingerprint(dataset, text_field: str, batch: int = 10_000) -> str:
-    """A hash of the texts themselves, in order: the same data under another name, path or modification time
-    is the same data; one changed character is not."""
-    h = hashlib.blake2b(digest_size=16)
-    for rows in dataset.select_columns([text_field]).iter(batch_size=batch):
-        for encoded in (str(text).encode("utf-8", "surrogatepass") for text in rows[text_field]):
-            h.update(len(encoded).to_bytes(8, "little") + encoded)
-    return h.hexdigest()
 
 
 def tokenize_texts(tokenizer, texts: Iterable[str], max_length: int, chunk: int = 1000) -> TokenizedSet:

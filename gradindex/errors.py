@@ -6,3 +6,8 @@ class GradIndexError(Exception):
 
     The CLI prints these without a traceback and exits non-zero; anything else is a bug.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (libraries' messages run long)."""
+    return f"{type(e).__name__}: {e}".splitlines()[0]

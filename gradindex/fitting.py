@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import capture, device_and_dtype
-from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, describe_data, load_texts, plan_batches, tokenize_texts
+from .corpus import describe_data, load_texts
+from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches, tokenize_texts
 from .errors import GradIndexError
 from .factors import Factors, FitConfig, LayerFactors, rotated_sequence_gradients
 from .layers import LayerSpec, coverage, select_layers
@@ -19,14 +20,14 @@ from .model import LanguageModel
 from .parallel import Part
 
 
-def fit(lm: LanguageModel, data, *, text_field: str = "text", max_length: int | None = None, modules: str = "mlp",
+def fit(lm: LanguageModel, data, *, text_field: str = "text", split: str | None = None, max_length: int | None = None, modules: str = "mlp",
         data_name: str | None = None, **options) -> Factors:
-    """Fit factors of ``lm`` on ``data`` (anything :func:`data.load_texts` reads); ``options`` as for
+    """Fit factors of ``lm`` on ``data`` (anything :func:`corpus.load_texts` reads); ``options`` as for
     :func:`fit_factors` (fisher, seed, token_budget, progress). ``data_name`` is how ``factors.json`` names
     the data when ``data`` is an object rather than a path."""
     layers = select_layers(lm.model, modules)
     max_length = lm.max_length(max_length)
-    dataset = load_texts(data, text_field=text_field)
+    dataset = load_texts(data, text_field=text_field, split=split)
     train = tokenize_texts(lm.tokenizer, dataset[text_field], max_length)
     describe = dict(
         model=lm.name, model_hash=lm.model_hash, tokenizer_hash=lm.tokenizer_hash, data=data_name or describe_data(data),

@@ -108,6 +108,7 @@ class BuildOptions:
     """How an index is built; everything here that decides its content is recorded in ``build.json``."""
 
     text_field: str = "text"
+    split: str | None = None  # a DatasetDict's split (default: train, or the only one)
     max_length: int | None = None  # default: as the factors were fitted, else the model's context
     modules: str = "mlp"  # layers, when the factors are fitted by the build
     compression: CompressionConfig = field(default_factory=CompressionConfig)

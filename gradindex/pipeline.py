@@ -13,7 +13,8 @@ from typing import Sequence
 from . import builder, store, update
 from .analysis import DEFAULT_SAMPLE
 from .analysis import outliers as _outliers
-from .data import DEFAULT_TOKEN_BUDGET, Query, as_queries, load_texts, tokenize_queries, tokenize_texts
+from .corpus import load_texts
+from .data import DEFAULT_TOKEN_BUDGET, Query, as_queries, tokenize_queries, tokenize_texts
 from .errors import GradIndexError
 from .evaluation import EvalReport
 from .evaluation import evaluate as _evaluate
@@ -29,14 +30,14 @@ from .scores import ScoreResult, compute_scores
 from .search import GradIndex, QueryResult
 
 
-def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_field: str = "text", max_length: int | None = None,
-        modules: str = "mlp", fisher: str = "true", seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
+def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_field: str = "text", split: str | None = None,
+        max_length: int | None = None, modules: str = "mlp", fisher: str = "true", seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
         dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Factors:
     """Fit EK-FAC factors of ``model`` on ``data`` and, with ``out``, save them there. Launched by torchrun, the
     ranks share the passes over the data and rank 0 saves."""
     part = Part.of()
     lm = load_model(model, tokenizer, dtype=dtype, device=part.device(device))
-    factors = _fit(lm, data, text_field=text_field, max_length=max_length, modules=modules, fisher=fisher, seed=seed,
+    factors = _fit(lm, data, text_field=text_field, split=split, max_length=max_length, modules=modules, fisher=fisher, seed=seed,
                    token_budget=token_budget, progress=progress, part=part)
     if out is not None and part.leader:
         factors.save(out)
@@ -52,7 +53,7 @@ def layers(model, *, tokenizer=None, modules: str = "mlp", dtype: str | None = N
 
 
 def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] | str | Path, *, tokenizer=None,
-          text_field: str = "text", max_length: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
+          text_field: str = "text", split: str | None = None, max_length: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
           damping: float | None = None, damping_scale: float | None = None, per_layer: bool = False, per_token: bool = False,
           query_rank: int | None = None, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> ScoreResult:
     """EK-FAC influence of every sequence of ``data`` on every query: exact, or with each query's
@@ -63,7 +64,7 @@ def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] |
     factors.check_model(lm.model_hash, lm.tokenizer_hash)
     max_length = lm.max_length(max_length or factors.config.max_length or None)
     query_set = tokenize_queries(lm.tokenizer, as_queries(queries), lm.max_length(None))
-    train = tokenize_texts(lm.tokenizer, load_texts(data, text_field=text_field)[text_field], max_length)
+    train = tokenize_texts(lm.tokenizer, load_texts(data, text_field=text_field, split=split)[text_field], max_length)
     return compute_scores(lm.model, factors, train, query_set, token_budget=token_budget, damping=damping, damping_scale=damping_scale,
                           per_layer=per_layer, per_token=per_token, query_rank=query_rank, progress=progress)
 
@@ -86,12 +87,12 @@ def merge(parts: list[str | Path], out: str | Path, *, max_memory: int | str | N
     return builder.merge(parts, out, max_memory=options.max_memory, index_key=index_key, progress=progress)
 
 
-def add(index: str | Path, data, *, model=None, tokenizer=None, text_field: str | None = None,
+def add(index: str | Path, data, *, model=None, tokenizer=None, text_field: str | None = None, split: str | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Manifest:
     """Append ``data``'s rows to a built index with its own factors (model: the index's own unless given)."""
     model = model if model is not None else store.load_manifest(Path(index)).build.model
     lm = load_model(model, tokenizer, dtype=dtype, device=device)
-    return update.add(lm, data, index, text_field=text_field, token_budget=token_budget, progress=progress)
+    return update.add(lm, data, index, text_field=text_field, split=split, token_budget=token_budget, progress=progress)
 
 
 def remove(index: str | Path, *, rows: Sequence[int] | str | None = None, where: str | None = None) -> tuple[Manifest, int]:

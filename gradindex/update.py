@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from . import ann, store
 from .builder import publish
 from .compress import Compressor
-from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, describe_data, load_texts, texts_fingerprint, tokenize_texts
+from .corpus import describe_data, load_texts, texts_fingerprint
+from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, tokenize_texts
 from .errors import GradIndexError
 from .factors import Factors
 from .files import writer_lock
@@ -33,7 +34,7 @@ DRIFT_REFIT = 1.5  # added rows whose typical self-influence per token is this m
 _DRIFT_SAMPLE = 10_000
 
 
-def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
+def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = None, split: str | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
         progress: bool = True) -> Manifest:
     """Append the rows of ``data`` to the index, coded with its own factors and compression; the FAISS index
     is extended (not retrained) and the TF-IDF refitted. Returns the new manifest (its last addition
@@ -45,7 +46,7 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
         factors = Factors.load(root / store.FACTORS_DIR)
         factors.check_model(lm.model_hash, lm.tokenizer_hash)
         field = text_field or manifest.build.text_field
-        dataset = load_texts(data, text_field=field)
+        dataset = load_texts(data, text_field=field, split=split)
         if len(dataset) == 0:
             raise GradIndexError(f"data {data} has no rows")
         fingerprint = texts_fingerprint(dataset, field)

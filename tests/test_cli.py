@@ -103,3 +103,19 @@ def test_real_process_exits_nonzero_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: model not found: {tmp_path / 'missing'}"
+
+
+def test_split_picks_the_split_of_a_saved_dataset_dict(workspace, tmp_path):
+    import datasets
+
+    texts = random_texts(12, seed=3)
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": texts}),
+                          "test": datasets.Dataset.from_dict({"text": texts[:5]})}).save_to_disk(str(tmp_path / "dd"))
+    args = ["fit", str(workspace / "model"), "--data", str(tmp_path / "dd"), "--out", str(tmp_path / "f")]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "no split 'train'; its splits are ['test', 'validation'] (use --split)" in refused.output
+    assert not (tmp_path / "f").exists()
+    done = runner.invoke(app, args + ["--split", "test"])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "f" / "factors.json").read_text())["n_sequences"] == 5
+    assert "tracked_fraction 0.667" in done.output

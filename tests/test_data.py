@@ -3,7 +3,8 @@ import json
 import datasets
 import pytest
 
-from gradindex.data import Query, collate, load_queries, load_texts, plan_batches, tokenize_queries, tokenize_texts
+from gradindex.corpus import load_texts
+from gradindex.data import Query, collate, load_queries, plan_batches, tokenize_queries, tokenize_texts
 from gradindex.errors import GradIndexError
 
 TEXTS = ["the king wrote a book", "a river in the north", "the blue tower"]
@@ -144,3 +145,33 @@ def test_a_query_is_tokenized_once_as_the_model_sees_it(kind):
     assert tok.eos_token_id not in ids[:-1]  # never between prompt and completion
     if kind == "sentencepiece":
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+def test_every_in_memory_input_users_have_loads_as_a_text_dataset():
+    import datasets
+    import pandas as pd
+
+    texts = ["the king wrote", "a book", "of the river"]
+    streamed = datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
+    for given in (texts, [{"text": t} for t in texts], pd.DataFrame({"text": texts}), streamed):
+        assert load_texts(given)["text"] == texts, type(given).__name__
+    with pytest.raises(GradIndexError, match="only strings or only dicts"):
+        load_texts(["a", 3])
+
+
+def test_a_split_is_chosen_never_guessed(tmp_path):
+    import datasets
+
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a b"]}),
+                                 "test": datasets.Dataset.from_dict({"text": ["c d", "e f"]})})
+    assert load_texts(both)["text"] == ["a b"] and load_texts(both, split="test")["text"] == ["c d", "e f"]
+    no_train = datasets.DatasetDict({"validation": both["test"], "test": both["train"]})
+    no_train.save_to_disk(str(tmp_path / "saved"))
+    for given in (no_train, tmp_path / "saved"):  # the object and the same saved as a folder behave alike
+        with pytest.raises(GradIndexError, match=r"no split 'train'; its splits are \['test', 'validation'\] \(use --split\)"):
+            load_texts(given)
+        assert load_texts(given, split="validation")["text"] == ["c d", "e f"]
+        with pytest.raises(GradIndexError, match="no split 'nope'"):
+            load_texts(given, split="nope")
+    datasets.DatasetDict({"validation": both["test"]}).save_to_disk(str(tmp_path / "one"))
+    assert load_texts(tmp_path / "one")["text"] == ["c d", "e f"]  # the only split there is
