@@ -58,8 +58,13 @@ class TokenizedSet:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    n_truncated = property(lambda self: sum(self.truncated or ()))
-    n_tokens = property(lambda self: int(sum(len(x) for x in self.input_ids)))
+    @property
+    def n_truncated(self) -> int:
+        return sum(self.truncated or ())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(x) for x in self.input_ids))
 
     def fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)

@@ -73,18 +73,16 @@ def fit_factors(
     if not plan:
         raise GradIndexError("every training sequence is empty: nothing to fit factors on")
 
-    called = torch.zeros(len(layers), dtype=torch.int64, device=device)
-
-    def passes(desc: str, on_layer) -> int:
-        """One pass over ``train``; returns the number of tokens seen."""
+    def passes(desc: str, on_layer, called: set[str] | None = None) -> int:
+        """One pass over ``train``; returns the number of tokens seen (and adds the layers called to ``called``)."""
         tokens = 0
         mine = [rows for i, rows in enumerate(plan) if part.owns(i)]
         for rows in tqdm(mine, desc=desc, disable=not progress or not part.leader, unit="batch"):
             batch = collate(train, rows).to(device)
             tokens += int(batch.attention_mask.sum())
             names = capture(model, layers, batch, on_layer, sample_seed=sample_seed)
-            if len(layers) == len(called):  # the first pass, before never-called layers are dropped
-                called.add_(torch.tensor([s.name in names for s in layers], dtype=torch.int64, device=device))
+            if called is not None:
+                called |= names
         return int(part.sum(torch.tensor(tokens, dtype=torch.int64)))
 
     # Sums, and the saved factors, in float32 (float64 for a float64 model), as kronfluence keeps them:
@@ -98,11 +96,12 @@ def fit_factors(
         cov_a[name].addmm_(a.T, a)
         cov_s[name].addmm_(d.T, d)
 
-    n_tokens = passes("covariances", covariances)
+    called: set[str] = set()
+    n_tokens = passes("covariances", covariances, called)
     # A layer the forward never runs (Mamba's dt_proj under some kernels, a branch this data never takes) has
     # no covariance to invert: it is left out of the factors, and FitConfig.skipped says so.
-    never = part.sum(called) == 0
-    skipped = [s.name for s, n in zip(layers, never.tolist()) if n]
+    calls = part.sum(torch.tensor([s.name in called for s in layers], dtype=torch.int64, device=device))
+    skipped = [s.name for s, n in zip(layers, calls.tolist()) if n == 0]
     layers = [s for s in layers if s.name not in skipped]
     if not layers:
         raise GradIndexError(f"none of the {len(skipped)} selected layers is called by the model's forward: {skipped[:4]}")
