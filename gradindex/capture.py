@@ -1,6 +1,7 @@
 """Per-token inputs and output gradients of the tracked layers, captured with hooks.
 
-Modules are never replaced: a forward hook keeps each tracked layer's input, a tensor hook on its output
+Modules are never replaced (a fused experts module runs its experts one at a time for the duration, see
+``experts``): a forward hook keeps each tracked layer's input, a tensor hook on its output
 receives the loss gradient during the one backward pass (run down to the embeddings with every parameter
 frozen, so no parameter gradient is ever computed), and a callback consumes the layer's pair there and
 then: no more than one layer's output gradients exist at a time.
@@ -18,6 +19,7 @@ from torch import nn
 
 from .data import Batch
 from .errors import GradIndexError
+from .experts import forward_by_expert
 from .layers import Conv1D, LayerSpec
 
 
@@ -148,54 +150,88 @@ def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, on_layer: L
     forward pass, and every delta is consumed and dropped inside the backward pass.
     ``sample_seed`` set: the loss uses labels sampled from the model (true Fisher), one generator per
     sequence seeded with ``sample_seed + row``; unset: the batch's own labels.
-    Returns the names of the layers the forward called; the others get zeros (their input is unknown).
+    Returns the names of the layers the forward called (experts: that tokens were routed to); the others get
+    zeros (their input is unknown).
     """
     modules = dict(model.named_modules())
     mask = batch.attention_mask.bool()
-    calls: dict[str, list[torch.Tensor]] = {}  # per layer, each call's (transformed) input
-    grads: dict[str, dict[int, torch.Tensor]] = {}  # per layer, the output gradients arrived so far, by call
+    flat_mask = mask.reshape(-1, 1)
+    # Per layer, each call's (transformed) input, with the token rows it holds (an expert sees only the tokens
+    # routed to it: its rows are kept compact until delivery, not as (B, T, d) mostly zeros), and the output
+    # gradients arrived so far, by call.
+    calls: dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
+    grads: dict[str, dict[int, torch.Tensor]] = {}
     handles = []
 
     def positions_mask(width: int) -> torch.Tensor:
         return mask.repeat(1, width // mask.shape[1]).unsqueeze(-1)
 
+    def dense(rows: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if rows is None:
+            return x
+        return x.new_zeros(mask.numel(), x.shape[-1]).index_copy_(0, rows, x).view(*mask.shape, -1)
+
     def deliver(spec: LayerSpec) -> None:
         inputs, arrived = calls.pop(spec.name), grads.pop(spec.name, {})
-        deltas = [arrived.get(c) for c in range(len(inputs))]
-        deltas = [d if d is not None else torch.zeros(*a.shape[:2], spec.d_out, dtype=a.dtype, device=a.device)
-                  for a, d in zip(inputs, deltas)]
-        a, delta = (inputs[0], deltas[0]) if len(inputs) == 1 else (torch.cat(inputs, 1), torch.cat(deltas, 1))
-        on_layer(spec.name, a, delta)
+        a = [dense(rows, x) for rows, x in inputs]
+        deltas = [dense(rows, arrived[c]) if c in arrived else torch.zeros(*x.shape[:2], spec.d_out, dtype=x.dtype, device=x.device)
+                  for c, ((rows, _), x) in enumerate(zip(inputs, a))]
+        on_layer(spec.name, *((a[0], deltas[0]) if len(a) == 1 else (torch.cat(a, 1), torch.cat(deltas, 1))))
 
     def arrive(spec: LayerSpec, call: int, grad: torch.Tensor) -> None:
-        g = _per_token(spec.name, grad, mask.shape)
-        g = torch.where(positions_mask(g.shape[1]), g, 0).to(calls[spec.name][call].dtype)
+        rows = calls[spec.name][call][0]
+        g = _per_token(spec.name, grad, mask.shape) if rows is None else grad
+        g = torch.where(positions_mask(g.shape[1]) if rows is None else flat_mask[rows], g, 0)
+        g = g.to(calls[spec.name][call][1].dtype)
         _check_finite(spec.name, "output gradient", g)
         grads.setdefault(spec.name, {})[call] = g
         if len(grads[spec.name]) == len(calls[spec.name]):
             deliver(spec)
 
+    def keep(spec: LayerSpec, x: torch.Tensor, valid: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None = None):
+        """Keep a call's input x (tokens, d_in) for the backward pass; ``valid`` marks its unpadded tokens."""
+        x = torch.where(valid, x, 0)  # not x * mask: NaN at padded positions (NaN × 0) must not leak in
+        _check_finite(spec.name, "input", x)
+        a = (torch.cat([x, valid.to(x.dtype)], dim=-1) if spec.has_bias else x).to(dtype)
+        call = len(calls.setdefault(spec.name, []))
+        calls[spec.name].append((rows, transform(spec.name, a) if transform is not None else a))
+        if out.requires_grad:
+            out.register_hook(lambda grad: arrive(spec, call, grad))
+
     def forward_hook(spec: LayerSpec):
-        def keep(module, args, out):
+        def hook(module, args, out):
             out = _linear_output(spec.name, module, args[0], out)
             x = _per_token(spec.name, args[0].detach(), mask.shape)
-            m = positions_mask(x.shape[1])
-            x = torch.where(m, x, 0)  # not x * mask: NaN at padded positions (NaN × 0) must not leak in
-            _check_finite(spec.name, "input", x)
-            a = torch.cat([x, m.to(x.dtype)], dim=-1) if spec.has_bias else x
-            a = a.to(dtype)
-            call = len(calls.setdefault(spec.name, []))
-            calls[spec.name].append(transform(spec.name, a) if transform is not None else a)
-            if out.requires_grad:
-                out.register_hook(lambda grad: arrive(spec, call, grad))
+            keep(spec, x, positions_mask(x.shape[1]), out)
 
-        return keep
+        return hook
 
+    def by_expert(name: str, experts: dict[tuple[str, int], LayerSpec]):
+        def track(proj: str, e: int, rows: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            if (spec := experts.get((proj, e))) is not None:
+                keep(spec, x.detach(), flat_mask[rows], out, rows)
+            return out
+
+        def forward(hidden_states, *routing, **named):
+            if hidden_states.shape[:-1].numel() != mask.numel():
+                raise GradIndexError(f"experts {name}: input of shape {tuple(hidden_states.shape)} does not hold the batch's "
+                                     f"{tuple(mask.shape)} tokens, so they cannot be attributed; leave it out of --modules")
+            return forward_by_expert(modules[name], track, hidden_states, *routing, **named)
+
+        return forward
+
+    by_module: dict[str, dict[tuple[str, int], LayerSpec]] = {}
+    for s in layers:
+        if s.expert is not None:
+            by_module.setdefault(s.module, {})[(s.projection, s.expert)] = s
     device, dtype = device_and_dtype(model)
     called: set[str] = set()
     with _CAPTURE_LOCK:
+        patched = {name: vars(modules[name]).get("forward") for name in by_module}
         try:
-            handles = [modules[s.name].register_forward_hook(forward_hook(s)) for s in layers]
+            handles = [modules[s.name].register_forward_hook(forward_hook(s)) for s in layers if s.expert is None]
+            for name, experts in by_module.items():  # an instance attribute, removed below: the class is untouched
+                modules[name].forward = by_expert(name, experts)
             with torch.enable_grad(), _graph_without_parameter_grads(model) as embedded:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 called = set(calls)
@@ -209,7 +245,13 @@ def capture(model: nn.Module, layers: list[LayerSpec], batch: Batch, on_layer: L
         finally:
             for h in handles:
                 h.remove()
-    for spec in layers:  # outputs the loss does not depend on (zero gradient), layers the forward never called
+            for name, previous in patched.items():
+                vars(modules[name]).pop("forward", None)
+                if previous is not None:
+                    modules[name].forward = previous
+    # Outputs the loss does not depend on (zero gradient); layers the forward never called, and experts no
+    # token of this batch was routed to: zeros.
+    for spec in layers:
         if spec.name in calls:
             deliver(spec)
         elif spec.name not in called:

@@ -1,8 +1,10 @@
 """Which linear layers EK-FAC tracks, and their shapes.
 
-A tracked layer is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2, weight stored transposed).
+A tracked layer is an ``nn.Linear``, a transformers ``Conv1D`` (GPT-2, weight stored transposed) or one
+expert of a fused experts module (transformers 5 stores a MoE block's experts as 3-D parameters,
+``experts.gate_up_proj[e]`` and ``experts.down_proj[e]``; ``experts`` runs them one expert at a time).
 Every gradient in gradindex is kept in ``nn.Linear`` orientation, ``(d_out, d_in)``, with the bias as
-an extra input column, so the two kinds are indistinguishable past this module.
+an extra input column, so the kinds are indistinguishable past this module and ``capture``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ except ImportError:  # pragma: no cover
 # Name components of the MLP matrices of the common decoder families:
 # GPT-2 (mlp.c_fc/c_proj), GPT-NeoX/Pythia, Falcon, BLOOM (mlp.dense_h_to_4h/4h_to_h),
 # Llama/Mistral/Qwen2/Gemma (mlp.gate/up/down_proj), OPT (fc1/fc2), GPT-J (mlp.fc_in/fc_out).
-_MLP_PATTERN = re.compile(r"(^|\.)(mlp|feed_forward|ffn)\.|(^|\.)(fc1|fc2)$")
+_MLP_PATTERN = re.compile(r"(^|\.)(mlp|feed_forward|ffn|block_sparse_moe|moe)\.|(^|\.)(fc1|fc2)$")
+# Routers (and a shared expert's scalar gate) sit under mlp. but choose experts rather than compute the MLP:
+# tracked with 'all' or a regex only (PhiMoE's mlp.router, JetMoE's router.layer, Qwen2-MoE's shared_expert_gate).
+_ROUTER_PATTERN = re.compile(r"(^|\.)(gate|router|shared_expert_gate)(\.|$)")
+# The fused parameters of transformers' experts modules (``use_experts_implementation``): name, and whether
+# it is the first (input) projection, whose output the gate/activation reads.
+EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,22 @@ class LayerSpec:
     d_out: int
     d_in: int
     has_bias: bool
-    transposed: bool  # Conv1D stores its weight as (d_in, d_out)
+    transposed: bool  # Conv1D (and some experts modules) store the weight as (d_in, d_out)
+    expert: int | None = None  # an expert of a fused module: name is "<experts module>.<projection>.<expert>"
+
+    @property
+    def module(self) -> str:
+        """The module the capture hooks: the layer itself, or the experts module holding this expert."""
+        return self.name if self.expert is None else self.name.rsplit(".", 2)[0]
+
+    @property
+    def projection(self) -> str:
+        return self.name.rsplit(".", 2)[1]
+
+    @property
+    def weight(self) -> str:
+        """The qualified name of the parameter this layer's gradient is (a slice of)."""
+        return f"{self.name}.weight" if self.expert is None else f"{self.module}.{self.projection}"
 
 
 def is_trackable(module: nn.Module) -> bool:
@@ -46,6 +69,26 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
         d_in, d_out = module.weight.shape
         return LayerSpec(name, d_out, d_in + has_bias, has_bias, transposed=True)
     return LayerSpec(name, module.out_features, module.in_features + has_bias, has_bias, transposed=False)
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers experts module whose forward ``experts`` can run expert by expert (the flags
+    ``use_experts_implementation`` sets, and its fused weights)."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")) and \
+        isinstance(getattr(module, "down_proj", None), nn.Parameter) and \
+        isinstance(getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None), nn.Parameter)
+
+
+def expert_specs(name: str, module: nn.Module) -> list[LayerSpec]:
+    """One spec per expert and projection of a fused experts module, projections in the order they run."""
+    specs = []
+    for proj in ("gate_up_proj" if module.has_gate else "up_proj", "down_proj"):
+        w = getattr(module, proj)  # (E, d_out, d_in), or (E, d_in, d_out) transposed
+        d_out, d_in = (w.shape[2], w.shape[1]) if module.is_transposed else (w.shape[1], w.shape[2])
+        bias = bool(module.has_bias) and getattr(module, f"{proj}_bias", None) is not None
+        specs += [LayerSpec(f"{name}.{proj}.{e}", d_out, d_in + bias, bias, bool(module.is_transposed), expert=e)
+                  for e in range(w.shape[0])]
+    return specs
 
 
 def _blocks_prefixes(model: nn.Module) -> list[str]:
@@ -62,39 +105,44 @@ def _blocks_prefixes(model: nn.Module) -> list[str]:
 def select_layers(model: nn.Module, which: str = "mlp") -> list[LayerSpec]:
     """Resolve ``which`` to tracked layers, in model order.
 
-    ``mlp`` (default): the MLP matrices of every block; ``all``: every linear layer inside the blocks
-    (never embeddings or ``lm_head``); anything else is a regex searched in qualified module names.
+    ``mlp`` (default): the MLP matrices of every block, dense, shared experts and routed experts (one layer
+    per expert), routers left out; ``all``: every linear layer and expert inside the blocks (never embeddings
+    or ``lm_head``); anything else is a regex searched in qualified layer names (an expert's is
+    ``….experts.down_proj.3``).
     """
     if not isinstance(which, str):
         raise GradIndexError(f"modules must be 'mlp', 'all' or a regex of module names, got {which!r}")
-    linear = [(n, m) for n, m in model.named_modules() if is_trackable(m)]
+    layers = [(n, layer_spec(n, m)) for n, m in model.named_modules() if is_trackable(m)]
+    layers += [(s.name, s) for n, m in model.named_modules() if is_experts_module(m) for s in expert_specs(n, m)]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    layers.sort(key=lambda ns: order[ns[1].module])  # model order, an experts module's layers where it sits
     prefixes = _blocks_prefixes(model)
-    in_blocks = [(n, m) for n, m in linear if any(n.startswith(p) for p in prefixes)]
+    in_blocks = [(n, s) for n, s in layers if any(n.startswith(p) for p in prefixes)]
     if which == "all":
         chosen = in_blocks
     elif which == "mlp":
-        chosen = [(n, m) for n, m in in_blocks if _MLP_PATTERN.search(n)]
+        chosen = [(n, s) for n, s in in_blocks if _MLP_PATTERN.search(n) and not _ROUTER_PATTERN.search(n)]
         if not chosen:
             raise GradIndexError(
                 f"no default MLP layers known for {type(model).__name__}; pass a module regex "
-                f"(--modules) or 'all'. Linear layers: {_summarise([n for n, _ in linear])}"
+                f"(--modules) or 'all'. Linear layers: {_summarise([n for n, _ in layers])}"
             )
     else:
         try:
             pattern = re.compile(which)
         except re.error as e:
             raise GradIndexError(f"invalid module regex {which!r}: {e}") from None
-        chosen = [(n, m) for n, m in linear if pattern.search(n)]
+        chosen = [(n, s) for n, s in layers if pattern.search(n)]
         if not chosen:
             raise GradIndexError(
-                f"module regex {which!r} matches no linear layer; candidates: {_summarise([n for n, _ in linear])}"
+                f"module regex {which!r} matches no linear layer; candidates: {_summarise([n for n, _ in layers])}"
             )
-    return [layer_spec(n, m) for n, m in chosen]
+    return [s for _, s in chosen]
 
 
 def _summarise(names: list[str], limit: int = 12) -> str:
     """Module names with block indices collapsed, so a 32-block model lists a handful of patterns."""
-    collapsed = list(dict.fromkeys(re.sub(r"\.\d+\.", ".N.", n) for n in names))
+    collapsed = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".N", n) for n in names))
     shown = ", ".join(collapsed[:limit])
     return shown + (f", … ({len(collapsed) - limit} more)" if len(collapsed) > limit else "") if collapsed else "(none)"
 
@@ -111,13 +159,21 @@ def coverage(model: nn.Module, layers: list[LayerSpec]) -> dict:
     and ``note``, the one-line warning about those (empty when there are none)."""
     weights = block_weights(model)
     modules = dict(model.named_modules())
-    tracked = {f"{s.name}.weight" for s in layers}
-    untracked_mlp = [n for n in weights if n not in tracked and (_MLP_PATTERN.search(n) or "expert" in n)]
-    share = sum(weights[n] for n in untracked_mlp) / max(sum(weights.values()), 1)
+    tracked: dict[str, int] = {}  # parameter → how many of its entries the selection covers
+    for s in layers:
+        tracked[s.weight] = tracked.get(s.weight, 0) + s.d_out * (s.d_in - s.has_bias)
+        if s.expert is not None and s.has_bias:  # an expert's bias is a row of a 2-D tensor, counted as a weight
+            tracked[f"{s.weight}_bias"] = tracked.get(f"{s.weight}_bias", 0) + s.d_out
+    untracked_mlp = [n for n in weights if tracked.get(n, 0) < weights[n] and not _ROUTER_PATTERN.search(n)
+                     and (_MLP_PATTERN.search(n) or "expert" in n)]
+    share = sum(weights[n] - tracked.get(n, 0) for n in untracked_mlp) / max(sum(weights.values()), 1)
+
+    def kind(s: LayerSpec) -> str:
+        return "expert" if s.expert is not None else "conv1d" if isinstance(modules[s.name], Conv1D) else "linear"
+
     return {
-        "layers": [{"name": s.name, "kind": "conv1d" if isinstance(modules[s.name], Conv1D) else "linear",
-                    "d_out": s.d_out, "d_in": s.d_in, "bias": s.has_bias} for s in layers],
-        "tracked_fraction": sum(weights.get(n, 0) for n in tracked) / max(sum(weights.values()), 1),
+        "layers": [{"name": s.name, "kind": kind(s), "d_out": s.d_out, "d_in": s.d_in, "bias": s.has_bias} for s in layers],
+        "tracked_fraction": sum(min(c, weights.get(n, 0)) for n, c in tracked.items()) / max(sum(weights.values()), 1),
         "untracked_mlp": untracked_mlp,
         "note": f"{len(untracked_mlp)} MLP/expert weights ({share:.1%} of the blocks' weights) are not tracked, "
                 f"e.g. {untracked_mlp[0]}" if untracked_mlp else "",

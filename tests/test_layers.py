@@ -80,15 +80,20 @@ def test_tracked_fraction_is_the_share_of_the_blocks_weights_covered():
     assert partial["note"].startswith("4 MLP/expert weights")
 
 
-def test_fused_moe_experts_left_untracked_are_named():
-    import transformers as tf
+def test_expert_weights_left_untracked_are_named():
     from gradindex.layers import coverage
+    from tiny import tiny_family
 
-    config = tf.MixtralConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
-                              num_local_experts=4, num_experts_per_tok=2, vocab_size=50, max_position_embeddings=64)
-    found = coverage(tf.MixtralForCausalLM(config), select_layers(tf.MixtralForCausalLM(config), "all"))
+    model = tiny_family("mixtral")
+    found = coverage(model, select_layers(model, "self_attn"))
     assert "model.layers.0.mlp.experts.gate_up_proj" in found["untracked_mlp"] and found["tracked_fraction"] < 0.2
-    assert found["note"].startswith("6 MLP/expert weights (89")
+    assert found["note"].startswith("4 MLP/expert weights (88.1%") and "mlp.gate" not in " ".join(found["untracked_mlp"])
+    # Llama 4 runs its experts with a forward of its own (every token through every expert, pre-scaled): not
+    # tracked, and said so, while its shared expert is.
+    model = tiny_family("llama4_text")
+    found = coverage(model, select_layers(model))
+    assert found["untracked_mlp"][:2] == ["model.layers.0.feed_forward.experts.gate_up_proj", "model.layers.0.feed_forward.experts.down_proj"]
+    assert all("shared_expert" in d["name"] for d in found["layers"])
 
 
 def test_layers_command_prints_the_selection_as_json(tmp_path):

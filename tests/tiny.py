@@ -80,3 +80,24 @@ def tiny_workspace(root, texts: list[str], queries: list[dict] = (), twin: bool 
     (root / "train.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
     (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries))
     return root
+
+
+# Small overrides for any family's default config (AutoConfig.for_model): fields a family lacks are ignored.
+SMALL_CONFIG = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                    moe_intermediate_size=16, shared_expert_intermediate_size=16, num_local_experts=4, num_experts=4,
+                    n_routed_experts=4, num_experts_per_tok=2, vocab_size=50, max_position_embeddings=64, head_dim=8,
+                    kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+                    topk_group=1, first_k_dense_replace=1)
+FAMILY_CONFIG = {"deepseek_v3": dict(head_dim=4, num_key_value_heads=2), "deepseek_v2": dict(head_dim=4, num_key_value_heads=2)}
+
+
+def tiny_family(model_type: str, *, seed: int = 0, dtype=torch.float32, **overrides):
+    """A random tiny model of any transformers family by its ``model_type`` (MoE ones included)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type)
+    for key, value in {**SMALL_CONFIG, **FAMILY_CONFIG.get(model_type, {}), **overrides}.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
