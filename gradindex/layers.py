@@ -28,9 +28,6 @@ _MLP_PATTERN = re.compile(r"(^|\.)(mlp|feed_forward|ffn|block_sparse_moe|moe)\.|
 # Routers (and a shared expert's scalar gate) sit under mlp. but choose experts rather than compute the MLP:
 # tracked with 'all' or a regex only (PhiMoE's mlp.router, JetMoE's router.layer, Qwen2-MoE's shared_expert_gate).
 _ROUTER_PATTERN = re.compile(r"(^|\.)(gate|router|shared_expert_gate)(\.|$)")
-# The fused parameters of transformers' experts modules (``use_experts_implementation``): name, and whether
-# it is the first (input) projection, whose output the gate/activation reads.
-EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
