@@ -24,6 +24,8 @@ TextFieldOpt = typer.Option(_B.text_field, "--text-field", help="Column holding 
 SplitOpt = typer.Option(None, "--split", help="Split of data that has several (default: train, or the only one).")
 TokenBudgetOpt = typer.Option(_B.token_budget, "--token-budget", help="Padded tokens per batch (raise it on a GPU).")
 DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32, float64, bfloat16, float16 (default: as saved).")
+ModulesOpt = typer.Option(_B.modules, "--modules", help="Layers to track: 'auto' (default: 'lora' for a LoRA model, else 'mlp'), "
+                          "'mlp', 'lora', 'all' linear layers in the blocks, or a regex over module names.")
 DeviceOpt = typer.Option(_FIT["device"], "--device", help="torch device, e.g. cpu or cuda.")
 IndexArg = typer.Argument(..., metavar="INDEX", help="Index folder written by `gradindex build`.")
 IndexModelOpt = typer.Option(None, "--model", help="Load the model from here instead of the path recorded in the index (same weights).")

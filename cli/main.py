@@ -17,7 +17,7 @@ import numpy as np
 import typer
 
 from cli.args import (
-    app, _B, _Q, _C, _FIT, _OUTLIERS, ModelArg, DataOpt, TextFieldOpt, SplitOpt, TokenBudgetOpt, DtypeOpt, DeviceOpt, IndexArg, IndexModelOpt, PromptOpt, CompletionOpt, QueriesOpt, KOpt, K1Opt, K2Opt, NprobeOpt, DampingOpt, DampingScaleOpt, MaxMemoryOpt, IndexKeyOpt, command,
+    app, _B, _Q, _C, _FIT, _OUTLIERS, ModelArg, DataOpt, TextFieldOpt, SplitOpt, TokenBudgetOpt, DtypeOpt, DeviceOpt, ModulesOpt, IndexArg, IndexModelOpt, PromptOpt, CompletionOpt, QueriesOpt, KOpt, K1Opt, K2Opt, NprobeOpt, DampingOpt, DampingScaleOpt, MaxMemoryOpt, IndexKeyOpt, command,
 )
 from gradindex import pipeline
 from gradindex.analysis import DEFAULT_SAMPLE
@@ -34,7 +34,7 @@ def fit(
     out: Path = typer.Option(..., "--out", help="Folder to write factors.safetensors and factors.json to."),
     text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences to this many tokens (default: the model's context, at most 2048)."),
-    modules: str = typer.Option(_FIT["modules"], "--modules", help="'mlp' (default), 'all' linear layers in the blocks, or a regex over module names."),
+    modules: str = ModulesOpt,
     empirical_fisher: bool = typer.Option(False, "--empirical-fisher", help="Use the data's labels instead of labels sampled from the model."),
     seed: int = typer.Option(_FIT["seed"], "--seed", help="Seed of the sampled labels."),
     token_budget: int = TokenBudgetOpt,
@@ -98,7 +98,7 @@ def build(
     factors: Optional[Path] = typer.Option(None, "--factors", help="Factors from `gradindex fit` (default: fit them first)."),
     text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted, else the model's context)."),
-    modules: str = typer.Option(_B.modules, "--modules", help="Layers, when fitting factors here: 'mlp', 'all' or a regex."),
+    modules: str = ModulesOpt,
     budget: str = typer.Option(f"{_C.budget // 1024}K", "--budget", help="Bytes stored per sequence, e.g. 16K or 64K, whatever the model's size (codes + their stage-1 FAISS codes)."),
     stage1_dim: Optional[int] = typer.Option(None, "--stage1-dim", help="Leading code entries the stage-1 FAISS index searches (default: the whole code; fewer: a smaller, faster, coarser scan)."),
     block_cost: float = typer.Option(_C.block_cost, "--block-cost", help="Projection work per layer while coding, × the layer's own forward (more: a code drawn from more eigen-entries)."),
@@ -224,7 +224,7 @@ def query(
 @command
 def layers(
     model: str = ModelArg,
-    modules: str = typer.Option(_FIT["modules"], "--modules", help="'mlp' (default), 'all' linear layers in the blocks, or a regex over module names."),
+    modules: str = ModulesOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     dtype: Optional[str] = DtypeOpt,
 ):

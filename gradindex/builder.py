@@ -23,6 +23,7 @@ from .errors import GradIndexError
 from .factors import FACTORS_FILE, Factors, copy_factors, has_factors
 from .files import sha256, writer_lock
 from .fitting import fit
+from .layers import resolve_modules
 from .lexical import Lexical
 from .manifest import BuildConfig, Manifest
 from .model import LanguageModel
@@ -57,8 +58,10 @@ def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, p
         fitted = Factors.load(out / store.FACTORS_DIR)
         factors_hash = sha256(out / store.FACTORS_DIR / FACTORS_FILE)
     fitted.check_model(lm.model_hash, lm.tokenizer_hash)
+    if part.leader and lm.adapter is not None and existing is None:
+        store.save_adapter(out, lm)
     config = BuildConfig(
-        model=lm.name, model_hash=fitted.config.model_hash, tokenizer_hash=fitted.config.tokenizer_hash,
+        model=str((out / store.ADAPTER_DIR).resolve()) if lm.adapter is not None else lm.name, model_hash=fitted.config.model_hash, tokenizer_hash=fitted.config.tokenizer_hash,
         factors_hash=factors_hash, data=describe_data(data), data_rows=len(dataset),
         data_fingerprint=texts_fingerprint(dataset, options.text_field), text_field=options.text_field,
         max_length=lm.max_length(options.max_length or fitted.config.max_length or None), shard_size=options.shard_size,
@@ -96,8 +99,8 @@ def _place_factors(lm, data, dataset, out: Path, source, existing: BuildConfig |
     expected = existing.factors_hash if existing is not None else None
     if source is None and has_factors(target):
         factors = Factors.load(target)
-        if factors.config.modules != options.modules:
-            raise GradIndexError(f"{out} holds factors fitted on modules {factors.config.modules!r}, not {options.modules!r}; "
+        if factors.config.modules != (wanted := resolve_modules(lm.model, options.modules)):
+            raise GradIndexError(f"{out} holds factors fitted on modules {factors.config.modules!r}, not {wanted!r}; "
                                  "re-run with the same --modules, or use another --out")
         return factors, sha256(target / FACTORS_FILE)
     if isinstance(source, (str, Path)):

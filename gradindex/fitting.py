@@ -15,12 +15,12 @@ from .corpus import describe_data, load_texts
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches, tokenize_texts
 from .errors import GradIndexError
 from .factors import Factors, FitConfig, LayerFactors, rotated_sequence_gradients
-from .layers import LayerSpec, coverage, select_layers
+from .layers import DEFAULT_MODULES, LayerSpec, coverage, resolve_modules, select_layers
 from .model import LanguageModel
 from .parallel import Part
 
 
-def fit(lm: LanguageModel, data, *, text_field: str = "text", split: str | None = None, max_length: int | None = None, modules: str = "mlp",
+def fit(lm: LanguageModel, data, *, text_field: str = "text", split: str | None = None, max_length: int | None = None, modules: str = DEFAULT_MODULES,
         data_name: str | None = None, **options) -> Factors:
     """Fit factors of ``lm`` on ``data`` (anything :func:`corpus.load_texts` reads); ``options`` as for
     :func:`fit_factors` (fisher, seed, token_budget, progress). ``data_name`` is how ``factors.json`` names
@@ -31,7 +31,7 @@ def fit(lm: LanguageModel, data, *, text_field: str = "text", split: str | None 
     train = tokenize_texts(lm.tokenizer, dataset[text_field], max_length)
     describe = dict(
         model=lm.name, model_hash=lm.model_hash, tokenizer_hash=lm.tokenizer_hash, data=data_name or describe_data(data),
-        text_field=text_field, modules=modules, max_length=max_length,
+        text_field=text_field, modules=resolve_modules(lm.model, modules), max_length=max_length,
         **{k: v for k, v in coverage(lm.model, layers).items() if k != "layers"},
     )
     return fit_factors(lm.model, train, layers, describe=describe, **options)

@@ -28,6 +28,10 @@ _MLP_PATTERN = re.compile(r"(^|\.)(mlp|feed_forward|ffn|block_sparse_moe|moe)\.|
 # Routers (and a shared expert's scalar gate) sit under mlp. but choose experts rather than compute the MLP:
 # tracked with 'all' or a regex only (PhiMoE's mlp.router, JetMoE's router.layer, Qwen2-MoE's shared_expert_gate).
 _ROUTER_PATTERN = re.compile(r"(^|\.)(gate|router|shared_expert_gate)(\.|$)")
+# PEFT's LoRA matrices: ``<wrapped layer>.lora_A.<adapter>`` and ``.lora_B.<adapter>``, plain nn.Linear beside the
+# frozen ``base_layer``. Found by name, not requires_grad: an adapter loaded for inference is frozen too.
+_ADAPTER_PATTERN = re.compile(r"\.lora_[AB]\.[^.]+(\.weight)?$")  # a module, or its weight
+DEFAULT_MODULES = "auto"  # 'lora' for a model with LoRA adapters (what was trained), else 'mlp'
 
 
 @dataclass(frozen=True)
@@ -99,26 +103,34 @@ def _blocks_prefixes(model: nn.Module) -> list[str]:
     return [f"{best_name}.{i}." for i in range(best_len)]
 
 
-def select_layers(model: nn.Module, which: str = "mlp") -> list[LayerSpec]:
+def select_layers(model: nn.Module, which: str = DEFAULT_MODULES) -> list[LayerSpec]:
     """Resolve ``which`` to tracked layers, in model order.
 
-    ``mlp`` (default): the MLP matrices of every block, dense, shared experts and routed experts (one layer
-    per expert), routers left out; ``all``: every linear layer and expert inside the blocks (never embeddings
-    or ``lm_head``); anything else is a regex searched in qualified layer names (an expert's is
-    ``….experts.down_proj.3``).
+    ``auto`` (default): ``lora`` when the model has LoRA adapters, else ``mlp``; ``mlp``: the MLP matrices of
+    every block, dense, shared experts and routed experts (one layer per expert), routers and adapters left
+    out; ``lora``: every LoRA matrix in the blocks; ``all``: every linear layer and expert inside the blocks,
+    adapters included (never embeddings or ``lm_head``); anything else is a regex searched in qualified layer
+    names (an expert's is ``….experts.down_proj.3``, a LoRA matrix's ``….down_proj.lora_A.default``).
     """
     if not isinstance(which, str):
-        raise GradIndexError(f"modules must be 'mlp', 'all' or a regex of module names, got {which!r}")
+        raise GradIndexError(f"modules must be 'auto', 'mlp', 'lora', 'all' or a regex of module names, got {which!r}")
     layers = [(n, layer_spec(n, m)) for n, m in model.named_modules() if is_trackable(m)]
     layers += [(s.name, s) for n, m in model.named_modules() if is_experts_module(m) for s in expert_specs(n, m)]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     layers.sort(key=lambda ns: order[ns[1].module])  # model order, an experts module's layers where it sits
     prefixes = _blocks_prefixes(model)
     in_blocks = [(n, s) for n, s in layers if any(n.startswith(p) for p in prefixes)]
+    adapters = [(n, s) for n, s in in_blocks if _ADAPTER_PATTERN.search(n)]
+    which = resolve_modules(model, which)
     if which == "all":
         chosen = in_blocks
+    elif which == "lora":
+        chosen = adapters
+        if not chosen:
+            raise GradIndexError(f"modules 'lora': {type(model).__name__} has no LoRA adapter layers; use 'mlp' or 'all'")
     elif which == "mlp":
-        chosen = [(n, s) for n, s in in_blocks if _MLP_PATTERN.search(n) and not _ROUTER_PATTERN.search(n)]
+        chosen = [(n, s) for n, s in in_blocks
+                  if _MLP_PATTERN.search(n) and not _ROUTER_PATTERN.search(n) and not _ADAPTER_PATTERN.search(n)]
         if not chosen:
             raise GradIndexError(
                 f"no default MLP layers known for {type(model).__name__}; pass a module regex "
@@ -137,6 +149,13 @@ def select_layers(model: nn.Module, which: str = "mlp") -> list[LayerSpec]:
     return [s for _, s in chosen]
 
 
+def resolve_modules(model: nn.Module, which: str) -> str:
+    """``auto`` made concrete for ``model`` (``lora`` when it has LoRA adapter layers, else ``mlp``); others as given."""
+    if which != "auto":
+        return which
+    return "lora" if any(_ADAPTER_PATTERN.search(n) and is_trackable(m) for n, m in model.named_modules()) else "mlp"
+
+
 def _summarise(names: list[str], limit: int = 12) -> str:
     """Module names with block indices collapsed, so a 32-block model lists a handful of patterns."""
     collapsed = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".N", n) for n in names))
@@ -152,8 +171,8 @@ def block_weights(model: nn.Module) -> dict[str, int]:
 
 def coverage(model: nn.Module, layers: list[LayerSpec]) -> dict:
     """What a selection tracks: each layer's name, kind and shape, ``tracked_fraction`` (the share of the blocks'
-    ≥ 2-D parameters it covers), ``untracked_mlp`` (MLP or expert weights it leaves out, the ones that matter)
-    and ``note``, the one-line warning about those (empty when there are none)."""
+    ≥ 2-D parameters it covers), ``untracked_mlp`` (the weights that matter that it leaves out: MLP and expert
+    weights, or a LoRA model's adapters) and ``note``, the one-line warning about those (empty when there are none)."""
     weights = block_weights(model)
     modules = dict(model.named_modules())
     tracked: dict[str, int] = {}  # parameter → how many of its entries the selection covers
@@ -161,17 +180,21 @@ def coverage(model: nn.Module, layers: list[LayerSpec]) -> dict:
         tracked[s.weight] = tracked.get(s.weight, 0) + s.d_out * (s.d_in - s.has_bias)
         if s.expert is not None and s.has_bias:  # an expert's bias is a row of a 2-D tensor, counted as a weight
             tracked[f"{s.weight}_bias"] = tracked.get(f"{s.weight}_bias", 0) + s.d_out
-    untracked_mlp = [n for n in weights if tracked.get(n, 0) < weights[n] and not _ROUTER_PATTERN.search(n)
-                     and (_MLP_PATTERN.search(n) or "expert" in n)]
+    # The weights that matter: a LoRA model's adapters (all that was trained), else the MLP and experts.
+    adapters = [n for n in weights if _ADAPTER_PATTERN.search(n)]
+    matter = adapters or [n for n in weights if not _ROUTER_PATTERN.search(n) and (_MLP_PATTERN.search(n) or "expert" in n)]
+    untracked_mlp = [n for n in matter if tracked.get(n, 0) < weights[n]]
     share = sum(weights[n] - tracked.get(n, 0) for n in untracked_mlp) / max(sum(weights.values()), 1)
 
     def kind(s: LayerSpec) -> str:
-        return "expert" if s.expert is not None else "conv1d" if isinstance(modules[s.name], Conv1D) else "linear"
+        if s.expert is not None:
+            return "expert"
+        return "lora" if _ADAPTER_PATTERN.search(s.name) else "conv1d" if isinstance(modules[s.name], Conv1D) else "linear"
 
     return {
         "layers": [{"name": s.name, "kind": kind(s), "d_out": s.d_out, "d_in": s.d_in, "bias": s.has_bias} for s in layers],
         "tracked_fraction": sum(min(c, weights.get(n, 0)) for n, c in tracked.items()) / max(sum(weights.values()), 1),
         "untracked_mlp": untracked_mlp,
-        "note": f"{len(untracked_mlp)} MLP/expert weights ({share:.1%} of the blocks' weights) are not tracked, "
+        "note": f"{len(untracked_mlp)} {'LoRA' if adapters else 'MLP/expert'} weights ({share:.1%} of the blocks' weights) are not tracked, "
                 f"e.g. {untracked_mlp[0]}" if untracked_mlp else "",
     }

@@ -33,6 +33,7 @@ class LanguageModel:
     model: nn.Module
     tokenizer: object
     name: str  # where it was loaded from, recorded in artifacts
+    adapter: nn.Module | None = None  # the PeftModel ``model`` was unwrapped from: its name is the base model's
 
     @property
     def pad_id(self) -> int:
@@ -44,6 +45,11 @@ class LanguageModel:
 
     def max_length(self, requested: int | None = None) -> int:
         return resolve_max_length(self.model, requested)
+
+    def save_adapter(self, folder: Path) -> None:
+        """The PEFT adapter and tokenizer in ``folder``, where ``from_pretrained`` loads them back onto the base model."""
+        self.adapter.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     @cached_property
     def model_hash(self) -> str:
@@ -62,7 +68,11 @@ def load_model(model, tokenizer=None, *, dtype: str | None = None, device: str =
         if tokenizer is None:
             raise GradIndexError("a model object needs its tokenizer passed too")
         prepare_tokenizer(tokenizer)
-        return LanguageModel(model.eval(), tokenizer, getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        # A PeftModel wraps the transformers model its adapters were injected into; that inner model has the
+        # names and weights a saved adapter loads back as (AutoModelForCausalLM on the adapter folder).
+        adapter = model if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else None
+        inner = model.get_base_model() if adapter is not None else model
+        return LanguageModel(inner.eval(), tokenizer, getattr(inner.config, "_name_or_path", "") or type(inner).__name__, adapter)
     check_device(device)
     module, loaded_tokenizer = _from_pretrained(str(model), dtype, device)
     # A local folder is named by its absolute path, so an index opened from another folder finds its model.
@@ -92,7 +102,7 @@ def _from_pretrained(name_or_path: str, dtype: str | None, device: str):
     if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
         raise GradIndexError(f"model not found: {name_or_path}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(local) if local.is_dir() else name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype) or "auto")
     except GradIndexError:
         raise
@@ -101,6 +111,14 @@ def _from_pretrained(name_or_path: str, dtype: str | None, device: str):
         raise GradIndexError(f"cannot load model {name_or_path!r}: {first}") from None
     prepare_tokenizer(tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def _tokenizer_source(folder: Path) -> str:
+    """A PEFT adapter folder saved without its tokenizer uses its base model's."""
+    config = folder / "adapter_config.json"
+    if config.exists() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return json.loads(config.read_text()).get("base_model_name_or_path") or str(folder)
+    return str(folder)
 
 
 def prepare_tokenizer(tokenizer) -> None:

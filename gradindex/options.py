@@ -15,6 +15,7 @@ from .ann import DEFAULT_MAX_MEMORY
 from .codeplan import CompressionConfig
 from .data import DEFAULT_TOKEN_BUDGET
 from .errors import GradIndexError
+from .layers import DEFAULT_MODULES
 
 DEFAULT_K = 10
 DEFAULT_K1 = 1000
@@ -110,7 +111,7 @@ class BuildOptions:
     text_field: str = "text"
     split: str | None = None  # a DatasetDict's split (default: train, or the only one)
     max_length: int | None = None  # default: as the factors were fitted, else the model's context
-    modules: str = "mlp"  # layers, when the factors are fitted by the build
+    modules: str = DEFAULT_MODULES  # layers, when the factors are fitted by the build
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     shard_size: int = DEFAULT_SHARD_SIZE  # rows per shard: the unit of resumption
     token_budget: int = DEFAULT_TOKEN_BUDGET  # padded tokens per batch, while fitting and building

@@ -21,7 +21,7 @@ from .evaluation import evaluate as _evaluate
 from .factors import Factors
 from .fitting import fit as _fit
 from .manifest import Manifest
-from .layers import coverage, select_layers
+from .layers import DEFAULT_MODULES, coverage, resolve_modules, select_layers
 from .model import load_model
 from .options import BuildOptions, QueryOptions, parse_part
 from .parallel import Part
@@ -31,7 +31,7 @@ from .search import GradIndex, QueryResult
 
 
 def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_field: str = "text", split: str | None = None,
-        max_length: int | None = None, modules: str = "mlp", fisher: str = "true", seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
+        max_length: int | None = None, modules: str = DEFAULT_MODULES, fisher: str = "true", seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
         dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Factors:
     """Fit EK-FAC factors of ``model`` on ``data`` and, with ``out``, save them there. Launched by torchrun, the
     ranks share the passes over the data and rank 0 saves."""
@@ -45,11 +45,11 @@ def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_fiel
     return factors
 
 
-def layers(model, *, tokenizer=None, modules: str = "mlp", dtype: str | None = None) -> dict:
+def layers(model, *, tokenizer=None, modules: str = DEFAULT_MODULES, dtype: str | None = None) -> dict:
     """A dry run of a layer selection: which modules ``fit`` would track and what share of the blocks' weights
     they are (:func:`layers.coverage`)."""
     lm = load_model(model, tokenizer, dtype=dtype)
-    return {"model": lm.name, "modules": modules, **coverage(lm.model, select_layers(lm.model, modules))}
+    return {"model": lm.name, "modules": resolve_modules(lm.model, modules), **coverage(lm.model, select_layers(lm.model, modules))}
 
 
 def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] | str | Path, *, tokenizer=None,
@@ -90,7 +90,7 @@ def merge(parts: list[str | Path], out: str | Path, *, max_memory: int | str | N
 def add(index: str | Path, data, *, model=None, tokenizer=None, text_field: str | None = None, split: str | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Manifest:
     """Append ``data``'s rows to a built index with its own factors (model: the index's own unless given)."""
-    model = model if model is not None else store.load_manifest(Path(index)).build.model
+    model = model if model is not None else store.model_source(Path(index), store.load_manifest(Path(index)).build)
     lm = load_model(model, tokenizer, dtype=dtype, device=device)
     return update.add(lm, data, index, text_field=text_field, split=split, token_budget=token_budget, progress=progress)
 

@@ -121,7 +121,7 @@ class GradIndex:
         manifest = store.load_manifest(root)
         store.check_sizes(root, manifest)
         store.check_hashes(root, [*manifest.factors_files, manifest.index.file])  # what is read whole on open; shards on first read
-        lm = load_model(model or manifest.build.model, tokenizer, dtype=dtype, device=device)
+        lm = load_model(model or store.model_source(root, manifest.build), tokenizer, dtype=dtype, device=device)
         if lm.model_hash != manifest.build.model_hash:
             raise GradIndexError(f"index {root} was built for another model (weights hash differs from {manifest.build.model!r})")
         if lm.tokenizer_hash != manifest.build.tokenizer_hash:

@@ -9,6 +9,7 @@
       index.faiss           the stage-1 FAISS index over the codes' prefixes (compact codes of its own,
                             not a second copy)
       lexical/              TF-IDF of every live text (derived data: rebuilt from the metadata if missing)
+      adapter/              built from a PeftModel object only: its LoRA adapter and tokenizer, the model to reopen
       manifest.json         written last: the index is complete iff it exists
 
 An update (``add``, ``remove``, ``compact``) writes generation g + 1 beside generation g: new shards (a compaction's
@@ -44,8 +45,9 @@ INDEX_FILE = "index.faiss"
 FACTORS_DIR = "factors"
 SHARDS_DIR = "shards"
 LEXICAL_DIR = "lexical"
+ADAPTER_DIR = "adapter"
 MANIFEST = "manifest.json"
-PENDING_ADD = "add.json"  # an unfinished ``add``: what it appends (its shards are not in any manifest yet)
+PENDING_ADD = "add.json"  # what an unfinished ``add`` appends (its shards are not in any manifest yet)
 _SUFFIX = {"codes": "codes.npy", "meta": "meta.parquet"}
 
 
@@ -79,8 +81,6 @@ def load_build_config(root: Path) -> BuildConfig | None:
     except GradIndexError as e:
         raise GradIndexError(f"{path} is unreadable ({e}); delete the folder to start over") from None
 
-
-# -- shards ---------------------------------------------------------------------------------------
 
 def write_shard(root: Path, j: int, rows: range, *, texts: list[str], tokens: TokenizedSet, codes: np.ndarray,
                 self_influence: np.ndarray, source: str | list[str], started: float, offsets: np.ndarray | None = None,
@@ -139,10 +139,7 @@ def read_pending(root: Path) -> Addition | None:
 
 
 def save_pending(root: Path, addition: Addition | None) -> None:
-    if addition is None:
-        (Path(root) / PENDING_ADD).unlink(missing_ok=True)
-    else:
-        write_json(Path(root) / PENDING_ADD, addition.to_json())
+    write_json(Path(root) / PENDING_ADD, addition.to_json()) if addition else (Path(root) / PENDING_ADD).unlink(missing_ok=True)
 
 
 def copy_shard(source: Path, target: Path, j: int) -> None:
@@ -154,8 +151,6 @@ def copy_shard(source: Path, target: Path, j: int) -> None:
             except OSError:
                 shutil.copyfile(src, tmp)
 
-
-# -- the FAISS index and the TF-IDF ---------------------------------------------------------------
 
 def write_faiss(root: Path, faiss_index, generation: int = 1) -> Path:
     path = Path(root) / _generation_file("index", ".faiss", generation)
@@ -196,8 +191,6 @@ def read_lexical(root: Path, fingerprint: str, generation: int = 1) -> Lexical |
         return None
 
 
-# -- removed rows ---------------------------------------------------------------------------------
-
 def write_removed(root: Path, rows: np.ndarray, generation: int) -> FileEntry:
     path = Path(root) / _generation_file("removed", ".npy", generation)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
@@ -215,8 +208,6 @@ def read_removed(root: Path, manifest: Manifest) -> np.ndarray:
         raise GradIndexError(f"index at {root}: {manifest.removed.name} does not hold the {manifest.n_removed} removed rows")
     return rows
 
-
-# -- the manifest ---------------------------------------------------------------------------------
 
 def describe(root: Path, config: BuildConfig, records: list[ShardRecord], key: str, faiss_index, faiss_path: Path | None = None,
              **update) -> Manifest:
@@ -267,13 +258,23 @@ def load_manifest(root: Path) -> Manifest:
     return Manifest.from_dict(read_json(path), where=f"index at {root}")
 
 
+def save_adapter(root: Path, lm) -> None:
+    """A PeftModel object's adapter and tokenizer, which ``from_pretrained`` loads back onto the base model."""
+    with atomic_write(Path(root) / ADAPTER_DIR) as tmp:
+        lm.save_adapter(tmp)
+
+
+def model_source(root: Path, config: BuildConfig) -> str:
+    """Where the index's model loads from: the adapter saved in it (built from a PeftModel object), else as recorded."""
+    return str(Path(root) / ADAPTER_DIR) if (Path(root) / ADAPTER_DIR).is_dir() else config.model
+
+
 def is_complete(root: Path, index_key: str | None = None) -> bool:
     """Whether ``root`` holds a finished index (with FAISS index ``index_key``, if given)."""
     try:
-        manifest = load_manifest(root)
+        return index_key in (None, load_manifest(root).index.key)
     except GradIndexError:
         return False
-    return index_key is None or manifest.index.key == index_key
 
 
 def check_sizes(root: Path, manifest: Manifest) -> None:
