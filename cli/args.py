@@ -21,11 +21,13 @@ _FIT, _OUTLIERS = ({name: p.default for name, p in inspect.signature(f).paramete
 ModelArg = typer.Argument(..., help="Hugging Face causal LM: a local folder or a hub name.")
 DataOpt = typer.Option(..., "--data", help="Training data: a json/jsonl/parquet/csv/txt file, a saved dataset folder, or a hub name.")
 TextFieldOpt = typer.Option(_B.text_field, "--text-field", help="Column holding the training text.")
+ChatOpt = typer.Option(False, "--chat", help="The text field holds chat messages ([{role, content}, …]), rendered with the tokenizer's chat template.")
 SplitOpt = typer.Option(None, "--split", help="Split of data that has several (default: train, or the only one).")
 TokenBudgetOpt = typer.Option(_B.token_budget, "--token-budget", help="Padded tokens per batch (raise it on a GPU).")
 DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32, float64, bfloat16, float16 (default: as saved).")
 ModulesOpt = typer.Option(_B.modules, "--modules", help="Layers to track: 'auto' (default: 'lora' for a LoRA model, else 'mlp'), "
                           "'mlp', 'lora', 'all' linear layers in the blocks, or a regex over module names.")
+TokenizerOpt = typer.Option(None, "--tokenizer", help="Tokenizer folder or hub name, when not the model's own (an index records it).")
 DeviceOpt = typer.Option(_FIT["device"], "--device", help="torch device, e.g. cpu or cuda.")
 IndexArg = typer.Argument(..., metavar="INDEX", help="Index folder written by `gradindex build`.")
 IndexModelOpt = typer.Option(None, "--model", help="Load the model from here instead of the path recorded in the index (same weights).")

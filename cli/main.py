@@ -17,7 +17,7 @@ import numpy as np
 import typer
 
 from cli.args import (
-    app, _B, _Q, _C, _FIT, _OUTLIERS, ModelArg, DataOpt, TextFieldOpt, SplitOpt, TokenBudgetOpt, DtypeOpt, DeviceOpt, ModulesOpt, IndexArg, IndexModelOpt, PromptOpt, CompletionOpt, QueriesOpt, KOpt, K1Opt, K2Opt, NprobeOpt, DampingOpt, DampingScaleOpt, MaxMemoryOpt, IndexKeyOpt, command,
+    app, _B, _Q, _C, _FIT, _OUTLIERS, ModelArg, DataOpt, TextFieldOpt, SplitOpt, ChatOpt, TokenBudgetOpt, DtypeOpt, DeviceOpt, ModulesOpt, TokenizerOpt, IndexArg, IndexModelOpt, PromptOpt, CompletionOpt, QueriesOpt, KOpt, K1Opt, K2Opt, NprobeOpt, DampingOpt, DampingScaleOpt, MaxMemoryOpt, IndexKeyOpt, command,
 )
 from gradindex import pipeline
 from gradindex.analysis import DEFAULT_SAMPLE
@@ -32,18 +32,18 @@ def fit(
     model: str = ModelArg,
     data: str = DataOpt,
     out: Path = typer.Option(..., "--out", help="Folder to write factors.safetensors and factors.json to."),
-    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt,
+    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt, chat: bool = ChatOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences to this many tokens (default: the model's context, at most 2048)."),
     modules: str = ModulesOpt,
     empirical_fisher: bool = typer.Option(False, "--empirical-fisher", help="Use the data's labels instead of labels sampled from the model."),
     seed: int = typer.Option(_FIT["seed"], "--seed", help="Seed of the sampled labels."),
     token_budget: int = TokenBudgetOpt,
-    dtype: Optional[str] = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt, tokenizer: Optional[str] = TokenizerOpt,
     device: str = DeviceOpt,
 ):
     """Fit EK-FAC factors of MODEL on the training data."""
-    factors = pipeline.fit(model, data, out=out, text_field=text_field, split=split, max_length=max_length, modules=modules,
-                           fisher="empirical" if empirical_fisher else "true", seed=seed, token_budget=token_budget, dtype=dtype, device=device)
+    factors = pipeline.fit(model, data, out=out, text_field=text_field, split=split, chat=chat, max_length=max_length, modules=modules,
+                           fisher="empirical" if empirical_fisher else "true", seed=seed, token_budget=token_budget, tokenizer=tokenizer, dtype=dtype, device=device)
     c = factors.config
     if c.n_truncated:
         typer.echo(f"truncated {c.n_truncated} of {c.n_sequences} sequences to {c.max_length} tokens", err=True)
@@ -64,7 +64,7 @@ def scores(
     queries: Optional[Path] = QueriesOpt,
     prompt: Optional[str] = PromptOpt,
     completion: Optional[str] = CompletionOpt,
-    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt,
+    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt, chat: bool = ChatOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted)."),
     damping: Optional[float] = DampingOpt,
     damping_scale: Optional[float] = DampingScaleOpt,
@@ -73,14 +73,14 @@ def scores(
     query_rank: Optional[int] = typer.Option(None, "--query-rank", help="Hold each query's preconditioned gradient as a rank-r SVD (less memory for many queries; approximate)."),
     top: int = typer.Option(3, "--top", help="Print this many top training rows per query."),
     token_budget: int = TokenBudgetOpt,
-    dtype: Optional[str] = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt, tokenizer: Optional[str] = TokenizerOpt,
     device: str = DeviceOpt,
 ):
     """Exact EK-FAC influence of every training sequence on every query."""
     result = pipeline.score(
-        model, factors, data, as_queries(queries, prompt=prompt, completion=completion), text_field=text_field, split=split, max_length=max_length,
+        model, factors, data, as_queries(queries, prompt=prompt, completion=completion), text_field=text_field, split=split, chat=chat, max_length=max_length,
         token_budget=token_budget, damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token,
-        query_rank=query_rank, dtype=dtype, device=device,
+        query_rank=query_rank, tokenizer=tokenizer, dtype=dtype, device=device,
     )
     if result.n_truncated:
         typer.echo(f"truncated {result.n_truncated} training sequences to the maximum length", err=True)
@@ -96,8 +96,10 @@ def build(
     data: str = DataOpt,
     out: Path = typer.Option(..., "--out", help="Index folder, e.g. indexes/NAME. Re-running the same command resumes it."),
     factors: Optional[Path] = typer.Option(None, "--factors", help="Factors from `gradindex fit` (default: fit them first)."),
-    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt,
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted, else the model's context)."),
+    text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt, chat: bool = ChatOpt,
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per indexed sequence (default: as the factors were fitted, else the model's context)."),
+    chunk: bool = typer.Option(_B.chunk, "--chunk/--truncate", help="Split documents longer than --max-length into windows, each a row (default), or cut them there."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between window starts (default: the window length, no overlap; less: windows overlap)."),
     modules: str = ModulesOpt,
     budget: str = typer.Option(f"{_C.budget // 1024}K", "--budget", help="Bytes stored per sequence, e.g. 16K or 64K, whatever the model's size (codes + their stage-1 FAISS codes)."),
     stage1_dim: Optional[int] = typer.Option(None, "--stage1-dim", help="Leading code entries the stage-1 FAISS index searches (default: the whole code; fewer: a smaller, faster, coarser scan)."),
@@ -105,18 +107,15 @@ def build(
     seed: int = typer.Option(_C.seed, "--seed", help="Seed of the rows the FAISS index is trained on."),
     shard_size: int = typer.Option(_B.shard_size, "--shard-size", help="Rows per shard: the unit of resumption."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Build only part i of n (i/n); join the parts with `gradindex merge`."),
-    max_memory: Optional[str] = MaxMemoryOpt,
-    index_key: Optional[str] = IndexKeyOpt,
-    token_budget: int = TokenBudgetOpt,
-    dtype: Optional[str] = DtypeOpt,
-    device: str = DeviceOpt,
+    max_memory: Optional[str] = MaxMemoryOpt, index_key: Optional[str] = IndexKeyOpt,
+    token_budget: int = TokenBudgetOpt, dtype: Optional[str] = DtypeOpt, tokenizer: Optional[str] = TokenizerOpt, device: str = DeviceOpt,
 ):
     """Build an influence index of the training data (fits EK-FAC factors first unless --factors)."""
     compression = CompressionConfig(budget=parse_size(budget, "--budget"), stage1_dim=stage1_dim, block_cost=block_cost, seed=seed)
     options = BuildOptions(text_field=text_field, split=split, max_length=max_length, modules=modules, compression=compression, shard_size=shard_size,
-                           token_budget=token_budget, max_memory=max_memory or _B.max_memory, index_key=index_key)
+                           token_budget=token_budget, max_memory=max_memory or _B.max_memory, index_key=index_key, chunk=chunk, stride=stride, chat=chat)
     part = parse_part(shard)
-    pipeline.build(model, data, out, factors=factors, options=options, shard=part, dtype=dtype, device=device)
+    pipeline.build(model, data, out, factors=factors, options=options, shard=part, tokenizer=tokenizer, dtype=dtype, device=device)
     if part is not None:
         typer.echo(f"built part {part[0]}/{part[1]} in {out}; join the parts with `gradindex merge`")
     elif (out / "manifest.json").is_file() and os.environ.get("RANK", "0") == "0":
@@ -226,10 +225,10 @@ def layers(
     model: str = ModelArg,
     modules: str = ModulesOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    dtype: Optional[str] = DtypeOpt,
+    dtype: Optional[str] = DtypeOpt, tokenizer: Optional[str] = TokenizerOpt,
 ):
     """Which modules a fit would track (a dry run): name, kind, shape, and the share of the blocks' weights covered."""
-    found = pipeline.layers(model, modules=modules, dtype=dtype)
+    found = pipeline.layers(model, modules=modules, tokenizer=tokenizer, dtype=dtype)
     width = max(len(d["name"]) for d in found["layers"])
     typer.echo(json.dumps(found) if as_json else "\n".join(
         [f"{d['name']:<{width}}  {d['kind']:<7} {d['d_out']} x {d['d_in']}" for d in found["layers"]]

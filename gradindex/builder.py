@@ -19,6 +19,7 @@ from . import ann, store
 from .compress import Compressor
 from .corpus import describe_data, load_texts, texts_fingerprint
 from .data import tokenize_texts
+from .documents import Rows, split_documents
 from .errors import GradIndexError
 from .factors import FACTORS_FILE, Factors, copy_factors, has_factors
 from .files import sha256, writer_lock
@@ -45,7 +46,7 @@ def build(lm: LanguageModel, data, out: str | Path, *, factors: Factors | str | 
 
 
 def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, part: Part, progress: bool) -> Path:
-    dataset = load_texts(data, text_field=options.text_field, split=options.split)
+    dataset = load_texts(data, text_field=options.text_field, split=options.split, chat=lm.tokenizer if options.chat else None)
     if len(dataset) == 0:
         raise GradIndexError(f"data {data} has no rows")
     existing = store.load_build_config(out)
@@ -60,12 +61,17 @@ def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, p
     fitted.check_model(lm.model_hash, lm.tokenizer_hash)
     if part.leader and lm.adapter is not None and existing is None:
         store.save_adapter(out, lm)
+    max_length = lm.max_length(options.max_length or fitted.config.max_length or None)
+    rows = split_documents(lm.tokenizer, dataset[options.text_field], max_length, chunk=options.chunk, stride=options.stride)
+    if len(rows) == 0:
+        raise GradIndexError(f"data {data}: all {len(dataset)} rows are empty")
     config = BuildConfig(
-        model=str((out / store.ADAPTER_DIR).resolve()) if lm.adapter is not None else lm.name, model_hash=fitted.config.model_hash, tokenizer_hash=fitted.config.tokenizer_hash,
-        factors_hash=factors_hash, data=describe_data(data), data_rows=len(dataset),
+        model=str((out / store.ADAPTER_DIR).resolve()) if lm.adapter is not None else lm.name,
+        model_hash=fitted.config.model_hash, tokenizer_hash=fitted.config.tokenizer_hash,
+        factors_hash=factors_hash, data=describe_data(data), data_rows=len(rows),
         data_fingerprint=texts_fingerprint(dataset, options.text_field), text_field=options.text_field,
-        max_length=lm.max_length(options.max_length or fitted.config.max_length or None), shard_size=options.shard_size,
-        compression=options.compression, layers=fitted.config.layers,
+        max_length=max_length, shard_size=options.shard_size, compression=options.compression, layers=fitted.config.layers,
+        stride=rows.stride, documents=len(dataset), empty_documents=rows.empty, chat=options.chat, tokenizer=lm.tokenizer_name,
     )
     if existing is not None and (diff := existing.differences(config)):
         raise GradIndexError(f"{out} holds a build with different {', '.join(diff)}; use another --out or delete that folder")
@@ -80,7 +86,7 @@ def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, p
     todo = [j for j in range(config.n_shards) if part.owns(j) and store.read_record(out, j) is None]
     bar = tqdm(total=sum(len(config.shard_rows(j)) for j in todo), desc="building shards", unit="seq", disable=not progress)
     for j in todo:
-        _build_shard(lm, compressor, dataset, config, out, j, options.token_budget)
+        _build_shard(lm, compressor, rows, config, out, j, options.token_budget)
         bar.update(len(config.shard_rows(j)))
     bar.close()
     part.barrier()
@@ -123,14 +129,14 @@ def _fit(lm, data, dataset, options: BuildOptions, progress: bool, part: Part) -
                token_budget=options.token_budget, progress=progress, data_name=describe_data(data), part=part)
 
 
-def _build_shard(lm: LanguageModel, compressor: Compressor, dataset, config: BuildConfig, out: Path, j: int, token_budget: int) -> None:
+def _build_shard(lm: LanguageModel, compressor: Compressor, rows: Rows, config: BuildConfig, out: Path, j: int, token_budget: int) -> None:
     started = time.perf_counter()
-    rows = config.shard_rows(j)
-    texts = dataset[rows.start : rows.stop][config.text_field]
+    span = config.shard_rows(j)
+    texts = rows.texts[span.start : span.stop]
     tokens = tokenize_texts(lm.tokenizer, texts, config.max_length)
     codes, self_influence = compressor.encode(lm.model, tokens, token_budget)
-    store.write_shard(out, j, rows, texts=texts, tokens=tokens, codes=codes, self_influence=self_influence,
-                      source=config.data, started=started)
+    store.write_shard(out, j, span, texts=texts, tokens=tokens, codes=codes, self_influence=self_influence, source=config.data,
+                      started=started, offsets=rows.documents[span.start : span.stop], starts=rows.starts[span.start : span.stop])
 
 
 def finalize(out: str | Path, *, max_memory: int = ann.DEFAULT_MAX_MEMORY, index_key: str | None = None, progress: bool = True) -> Manifest:

@@ -11,13 +11,14 @@ from .errors import GradIndexError, first_line
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
-def load_texts(data, text_field: str = "text", split: str | None = None):
+def load_texts(data, text_field: str = "text", split: str | None = None, chat=None):
     """Load training data with ``datasets`` and return it as a ``Dataset`` with a string ``text_field``.
 
     ``data`` may be a ``datasets`` Dataset, DatasetDict or IterableDataset (read once, into memory), a list
     of strings or of dicts, a pandas DataFrame, a json/jsonl/parquet/csv/txt file, a folder saved with
     ``save_to_disk``, a folder of data files, or a hub dataset name. ``split`` picks a DatasetDict's split
-    (default: ``train``, or the only one there is).
+    (default: ``train``, or the only one there is). With ``chat``, a tokenizer, ``text_field`` holds chat
+    messages (lists of ``{"role", "content"}``), rendered to text with its chat template.
     """
     import datasets
 
@@ -33,7 +34,21 @@ def load_texts(data, text_field: str = "text", split: str | None = None):
         data = _pick_split(data, split)
     if text_field not in data.column_names:
         raise GradIndexError(f"data has no text field {text_field!r}; its columns are {data.column_names} (use --text-field)")
-    return data
+    return data if chat is None else _render_chat(data, text_field, chat)
+
+
+def _render_chat(data, field: str, tokenizer):
+    """Each row's messages as the model was trained on them: the tokenizer's chat template, as text."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise GradIndexError(f"--chat: the tokenizer ({type(tokenizer).__name__}) has no chat template")
+
+    def render(row, i):
+        messages = row[field]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
+            raise GradIndexError(f"--chat: row {i} of {field!r} is not a list of {{role, content}} messages")
+        return {field: tokenizer.apply_chat_template(messages, tokenize=False)}
+
+    return data.map(render, with_indices=True, remove_columns=[field], load_from_cache_file=False)
 
 
 def _from_rows(rows):

@@ -21,13 +21,13 @@ from .parallel import Part
 
 
 def fit(lm: LanguageModel, data, *, text_field: str = "text", split: str | None = None, max_length: int | None = None, modules: str = DEFAULT_MODULES,
-        data_name: str | None = None, **options) -> Factors:
+        data_name: str | None = None, chat: bool = False, **options) -> Factors:
     """Fit factors of ``lm`` on ``data`` (anything :func:`corpus.load_texts` reads); ``options`` as for
     :func:`fit_factors` (fisher, seed, token_budget, progress). ``data_name`` is how ``factors.json`` names
     the data when ``data`` is an object rather than a path."""
     layers = select_layers(lm.model, modules)
     max_length = lm.max_length(max_length)
-    dataset = load_texts(data, text_field=text_field, split=split)
+    dataset = load_texts(data, text_field=text_field, split=split, chat=lm.tokenizer if chat else None)
     train = tokenize_texts(lm.tokenizer, dataset[text_field], max_length)
     describe = dict(
         model=lm.name, model_hash=lm.model_hash, tokenizer_hash=lm.tokenizer_hash, data=data_name or describe_data(data),

@@ -100,6 +100,11 @@ class BuildConfig:
     shard_size: int
     compression: CompressionConfig
     layers: list[dict] = field(default_factory=list)
+    stride: int = 0  # documents split into windows starting every stride tokens; 0: truncated (``documents``)
+    documents: int = 0  # documents in the data: data_rows counts windows, without empty documents
+    empty_documents: int = 0  # skipped: no text
+    chat: bool = False  # text_field held chat messages, rendered with the tokenizer's chat template
+    tokenizer: str = ""  # where the tokenizer loads from when it is not the model's own (``--tokenizer``)
 
     @property
     def n_shards(self) -> int:
@@ -109,8 +114,8 @@ class BuildConfig:
         return range(j * self.shard_size, min((j + 1) * self.shard_size, self.data_rows))
 
     def differences(self, other: "BuildConfig") -> list[str]:
-        """The fields that make two builds different; the model's and data's names only describe (their hashes decide)."""
-        return [f.name for f in fields(self) if f.name not in ("model", "data") and getattr(self, f.name) != getattr(other, f.name)]
+        """The fields that make two builds different; the model's, data's and tokenizer's names only describe (their hashes decide)."""
+        return [f.name for f in fields(self) if f.name not in ("model", "data", "tokenizer") and getattr(self, f.name) != getattr(other, f.name)]
 
     def to_dict(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "compression": self.compression.to_dict()}
@@ -274,6 +279,9 @@ class Manifest:
         return "\n".join([
             f"index {root}: {self.n_live} sequences, model {self.build.model} ({len(self.build.layers)} layers), "
             f"generation {self.generation}, written {self.created}"
+            + (f"; from {self.build.documents} documents" if self.build.documents else "")
+            + (f" ({self.build.empty_documents} empty, skipped)" if self.build.empty_documents else "")
+            + (f", split into windows of {self.build.max_length} tokens every {self.build.stride}" if self.build.stride else "")
             + (f"; {self.n_rows - self.build.data_rows} rows added" if self.additions else "")
             + (f"; {self.n_removed} removed (`gradindex compact` drops them)" if self.n_removed else ""),
             f"  codes: {self.code_dim} {c.dtype} values per sequence (budget {c.budget / 1024:g} KiB); "

@@ -34,6 +34,7 @@ class LanguageModel:
     tokenizer: object
     name: str  # where it was loaded from, recorded in artifacts
     adapter: nn.Module | None = None  # the PeftModel ``model`` was unwrapped from: its name is the base model's
+    tokenizer_name: str = ""  # where the tokenizer was loaded from, when not with the model (``--tokenizer``)
 
     @property
     def pad_id(self) -> int:
@@ -61,9 +62,13 @@ class LanguageModel:
 
 
 def load_model(model, tokenizer=None, *, dtype: str | None = None, device: str = "cpu") -> LanguageModel:
-    """A :class:`LanguageModel` from a local folder or hub name, or from a model object and its tokenizer."""
+    """A :class:`LanguageModel` from a local folder or hub name, or from a model object and its tokenizer;
+    ``tokenizer`` is an object or where to load one from (default: the model's own)."""
     if isinstance(model, LanguageModel):
         return model
+    tokenizer_name = ""
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer_name, tokenizer = _source_name(tokenizer), load_tokenizer(str(tokenizer))
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise GradIndexError("a model object needs its tokenizer passed too")
@@ -72,12 +77,32 @@ def load_model(model, tokenizer=None, *, dtype: str | None = None, device: str =
         # names and weights a saved adapter loads back as (AutoModelForCausalLM on the adapter folder).
         adapter = model if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else None
         inner = model.get_base_model() if adapter is not None else model
-        return LanguageModel(inner.eval(), tokenizer, getattr(inner.config, "_name_or_path", "") or type(inner).__name__, adapter)
+        name = getattr(inner.config, "_name_or_path", "") or type(inner).__name__
+        return LanguageModel(inner.eval(), tokenizer, name, adapter, tokenizer_name)
     check_device(device)
-    module, loaded_tokenizer = _from_pretrained(str(model), dtype, device)
-    # A local folder is named by its absolute path, so an index opened from another folder finds its model.
-    name = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
-    return LanguageModel(module, tokenizer or loaded_tokenizer, name)
+    module = _from_pretrained(str(model), dtype, device)
+    local = Path(str(model))
+    tokenizer = tokenizer or load_tokenizer(_tokenizer_source(local) if local.is_dir() else str(model))
+    return LanguageModel(module, tokenizer, _source_name(model), tokenizer_name=tokenizer_name)
+
+
+def _source_name(source) -> str:
+    """A local folder is named by its absolute path, so an index opened from another folder finds it."""
+    return str(Path(source).resolve()) if Path(str(source)).exists() else str(source)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # transformers raises OSError/ValueError/HTTP errors with multi-line messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GradIndexError(f"cannot load tokenizer {name_or_path!r}: {first}") from None
+    if len(tokenizer) < 2:  # transformers 5 makes an empty one for a model folder without tokenizer files
+        raise GradIndexError(f"cannot load tokenizer {name_or_path!r}: no tokenizer files there (an empty vocabulary); pass --tokenizer")
+    prepare_tokenizer(tokenizer)
+    return tokenizer
 
 
 def check_device(device: str) -> None:
@@ -93,7 +118,7 @@ def check_device(device: str) -> None:
 
 
 def _from_pretrained(name_or_path: str, dtype: str | None, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars cover long work; loading a checkpoint is not it
@@ -102,15 +127,13 @@ def _from_pretrained(name_or_path: str, dtype: str | None, device: str):
     if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
         raise GradIndexError(f"model not found: {name_or_path}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(local) if local.is_dir() else name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype) or "auto")
     except GradIndexError:
         raise
     except Exception as e:  # transformers raises OSError/ValueError/HTTP errors with multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GradIndexError(f"cannot load model {name_or_path!r}: {first}") from None
-    prepare_tokenizer(tokenizer)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def _tokenizer_source(folder: Path) -> str:

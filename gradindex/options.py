@@ -117,6 +117,9 @@ class BuildOptions:
     token_budget: int = DEFAULT_TOKEN_BUDGET  # padded tokens per batch, while fitting and building
     max_memory: int | str = DEFAULT_MAX_MEMORY  # bytes (or "4G") the FAISS index may take: decides exhaustive or IVF
     index_key: str | None = None  # a FAISS factory string overriding that choice
+    chunk: bool = True  # documents longer than max_length split into windows (else truncated: the rest is not indexed)
+    stride: int | None = None  # tokens between window starts (default: the window length, no overlap)
+    chat: bool = False  # text_field holds chat messages, rendered with the tokenizer's chat template
 
     def __post_init__(self):
         object.__setattr__(self, "max_memory", parse_size(self.max_memory, "memory size"))

@@ -32,12 +32,12 @@ from .search import GradIndex, QueryResult
 
 def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_field: str = "text", split: str | None = None,
         max_length: int | None = None, modules: str = DEFAULT_MODULES, fisher: str = "true", seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
-        dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Factors:
+        chat: bool = False, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Factors:
     """Fit EK-FAC factors of ``model`` on ``data`` and, with ``out``, save them there. Launched by torchrun, the
     ranks share the passes over the data and rank 0 saves."""
     part = Part.of()
     lm = load_model(model, tokenizer, dtype=dtype, device=part.device(device))
-    factors = _fit(lm, data, text_field=text_field, split=split, max_length=max_length, modules=modules, fisher=fisher, seed=seed,
+    factors = _fit(lm, data, text_field=text_field, split=split, chat=chat, max_length=max_length, modules=modules, fisher=fisher, seed=seed,
                    token_budget=token_budget, progress=progress, part=part)
     if out is not None and part.leader:
         factors.save(out)
@@ -53,7 +53,7 @@ def layers(model, *, tokenizer=None, modules: str = DEFAULT_MODULES, dtype: str 
 
 
 def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] | str | Path, *, tokenizer=None,
-          text_field: str = "text", split: str | None = None, max_length: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
+          text_field: str = "text", split: str | None = None, chat: bool = False, max_length: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
           damping: float | None = None, damping_scale: float | None = None, per_layer: bool = False, per_token: bool = False,
           query_rank: int | None = None, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> ScoreResult:
     """EK-FAC influence of every sequence of ``data`` on every query: exact, or with each query's
@@ -64,7 +64,7 @@ def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] |
     factors.check_model(lm.model_hash, lm.tokenizer_hash)
     max_length = lm.max_length(max_length or factors.config.max_length or None)
     query_set = tokenize_queries(lm.tokenizer, as_queries(queries), lm.max_length(None))
-    train = tokenize_texts(lm.tokenizer, load_texts(data, text_field=text_field, split=split)[text_field], max_length)
+    train = tokenize_texts(lm.tokenizer, load_texts(data, text_field=text_field, split=split, chat=lm.tokenizer if chat else None)[text_field], max_length)
     return compute_scores(lm.model, factors, train, query_set, token_budget=token_budget, damping=damping, damping_scale=damping_scale,
                           per_layer=per_layer, per_token=per_token, query_rank=query_rank, progress=progress)
 
@@ -90,7 +90,8 @@ def merge(parts: list[str | Path], out: str | Path, *, max_memory: int | str | N
 def add(index: str | Path, data, *, model=None, tokenizer=None, text_field: str | None = None, split: str | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> Manifest:
     """Append ``data``'s rows to a built index with its own factors (model: the index's own unless given)."""
-    model = model if model is not None else store.model_source(Path(index), store.load_manifest(Path(index)).build)
+    build = store.load_manifest(Path(index)).build
+    model, tokenizer = model if model is not None else store.model_source(Path(index), build), tokenizer or build.tokenizer or None
     lm = load_model(model, tokenizer, dtype=dtype, device=device)
     return update.add(lm, data, index, text_field=text_field, split=split, token_budget=token_budget, progress=progress)
 

@@ -84,8 +84,8 @@ class ShardReader:
         for j in np.unique(shard):
             where = np.nonzero(shard == j)[0]
             table = self.meta(int(j)).take(rows[where] - self.starts[j])
-            for c in columns:
-                for w, v in zip(where, table.column(c).to_pylist()):
+            for c in columns:  # shards written before windows had no start column: whole documents
+                for w, v in zip(where, table.column(c).to_pylist() if c in table.column_names else [0] * len(where)):
                     out[c][w] = v
         return out
 

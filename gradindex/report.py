@@ -114,7 +114,7 @@ def _hits_section(kind: str, meaning: str, result: QueryResult, marked: bool) ->
 
 def _card(position: int, hit: Hit, marked: bool) -> str:
     sign = "pos" if hit.score >= 0 else "neg"
-    meta = f'row {hit.row} · {escape(Path(hit.source).name)} @ {hit.offset} · stage-2 estimate {hit.approx_score:+.4g}'
+    meta = f'row {hit.row} · {escape(Path(hit.source).name)} @ {hit.offset}{f" token {hit.start}" if hit.start else ""} · stage-2 estimate {hit.approx_score:+.4g}'
     if hit.copies:  # copies of one sentence share a card
         shown = ", ".join(map(str, hit.copies[:5])) + (", …" if len(hit.copies) > 5 else "")
         meta = f'<b>×{len(hit.copies) + 1} copies</b> (also rows {shown}) · ' + meta

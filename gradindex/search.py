@@ -33,14 +33,15 @@ from .scores import ScoreResult, query_chunks, query_gradients, score_preconditi
 class Hit:
     """One training sequence in a query's answer."""
 
-    row: int  # global row id in the index (= offset in the training data)
+    row: int  # global row id in the index
     score: float  # exact EK-FAC influence (cosine-normalised with ``cosine=True``)
     approx_score: float  # stage-2 low-rank estimate, same normalisation
     stage1_score: float  # the stage-1 inner product (heavier damping: comparable within a query only)
     text: str
     source: str
-    offset: int
+    offset: int  # the row's document: its row in ``source``
     per_layer: dict[str, float]
+    start: int = 0  # the token of that document where this row's window starts (0: the whole document)
     tokens: list[str] | None = None
     token_scores: list[float] | None = None  # sum to ``score`` (unnormalised) over the sequence's tokens
     copies: list[int] = field(default_factory=list)  # with ``distinct=True``: other rows holding the same text
@@ -82,7 +83,8 @@ class QueryResult:
                          "(candidates close to the cut were not rescored exactly); raise --k2 to check")
         for position, h in enumerate(self.hits, 1):
             copies = f" (×{len(h.copies) + 1})" if h.copies else ""
-            lines.append(f"{position:3d}. {h.score:+.4g}  row {h.row}{copies}  {one_line(h.text)}")
+            window = f" (document {h.offset}, token {h.start})" if h.start or h.offset != h.row else ""
+            lines.append(f"{position:3d}. {h.score:+.4g}  row {h.row}{window}{copies}  {one_line(h.text)}")
             if h.tokens:
                 best = sorted(np.argsort(-np.abs(h.token_scores))[:5])
                 lines.append("       tokens: " + ", ".join(f"{h.tokens[t]!r} {h.token_scores[t]:+.3g}" for t in best))
@@ -121,7 +123,7 @@ class GradIndex:
         manifest = store.load_manifest(root)
         store.check_sizes(root, manifest)
         store.check_hashes(root, [*manifest.factors_files, manifest.index.file])  # what is read whole on open; shards on first read
-        lm = load_model(model or store.model_source(root, manifest.build), tokenizer, dtype=dtype, device=device)
+        lm = load_model(model or store.model_source(root, manifest.build), tokenizer or manifest.build.tokenizer or None, dtype=dtype, device=device)
         if lm.model_hash != manifest.build.model_hash:
             raise GradIndexError(f"index {root} was built for another model (weights hash differs from {manifest.build.model!r})")
         if lm.tokenizer_hash != manifest.build.tokenizer_hash:
@@ -173,8 +175,6 @@ class GradIndex:
             else:
                 out[:, start : start + len(chunk)] = self.stage1_scores(chunk, vectors.T).T
         return out
-
-    # -- querying ---------------------------------------------------------------------------------
 
     def query(self, prompt: str, completion: str, k: int | None = None, *, options: QueryOptions | None = None, trace: bool = False,
               **overrides) -> QueryResult:
@@ -268,14 +268,14 @@ class GradIndex:
     def _hits(self, ranked: "_Ranked", shortlist: Shortlist, stage1_of: dict, stage2_of: dict, options: QueryOptions) -> list[Hit]:
         """The final hits; a text's exact numbers (and stage-2 estimate) come from its representative."""
         rows = ranked.rows[ranked.chosen].tolist()
-        meta = self.reader.rows(rows, ("text", "source", "offset", "input_ids"))
+        meta = self.reader.rows(rows, ("text", "source", "offset", "start", "input_ids"))
         representatives = shortlist.representatives.tolist()
         hits = []
         for i, (row, g) in enumerate(zip(rows, ranked.groups[ranked.chosen].tolist())):
             copies = sorted(int(shortlist.rows[m]) for m in shortlist.groups[g] if int(shortlist.rows[m]) != row)
             hits.append(Hit(
                 row=int(row), score=float(ranked.text_scores[g]), approx_score=float(stage2_of[representatives[g]]),
-                stage1_score=float(stage1_of[int(row)]), text=meta["text"][i], source=meta["source"][i], offset=int(meta["offset"][i]),
+                stage1_score=float(stage1_of[int(row)]), text=meta["text"][i], source=meta["source"][i], offset=meta["offset"][i], start=meta["start"][i],
                 per_layer={name: float(v[0, g]) for name, v in ranked.exact.per_layer.items()},
                 tokens=self.lm.tokenizer.convert_ids_to_tokens(meta["input_ids"][i]) if options.per_token else None,
                 token_scores=ranked.exact.per_token[g][0].tolist() if options.per_token else None,

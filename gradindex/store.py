@@ -4,10 +4,9 @@
       build.json            what is being built (written first; a resumed build must match it)
       factors/              the EK-FAC factors the vectors were whitened with
       shards/00000.*        per shard of rows [j·S, (j+1)·S): codes.npy (one fixed-size code per row),
-                            meta.parquet (global row id, source, offset, text, tokens, the code's squared
-                            norm), and 00000.json, written last, which marks the shard complete
-      index.faiss           the stage-1 FAISS index over the codes' prefixes (compact codes of its own,
-                            not a second copy)
+                            meta.parquet (row id, source, offset: the document's row in it, start: its
+                            window's first token, text, tokens, the code's squared norm), 00000.json: complete
+      index.faiss           the stage-1 FAISS index over the codes' prefixes (compact codes, not a copy)
       lexical/              TF-IDF of every live text (derived data: rebuilt from the metadata if missing)
       adapter/              built from a PeftModel object only: its LoRA adapter and tokenizer, the model to reopen
       manifest.json         written last: the index is complete iff it exists
@@ -84,9 +83,9 @@ def load_build_config(root: Path) -> BuildConfig | None:
 
 def write_shard(root: Path, j: int, rows: range, *, texts: list[str], tokens: TokenizedSet, codes: np.ndarray,
                 self_influence: np.ndarray, source: str | list[str], started: float, offsets: np.ndarray | None = None,
-                directory: str = SHARDS_DIR) -> ShardRecord:
-    """Write shard j's files, then its record: the marker that the shard is complete. ``offsets``: each
-    row's place in its source (the row id itself for a build's own data)."""
+                starts: np.ndarray | None = None, directory: str = SHARDS_DIR) -> ShardRecord:
+    """Write shard j's files, then its record: the marker that the shard is complete. ``offsets``: each row's
+    document, its place in its source (default: the row id); ``starts``: the token where its window starts (0)."""
     root = Path(root)
     with atomic_write(shard_path(root, j, "codes", directory)) as tmp, open(tmp, "wb") as f:
         np.save(f, codes)
@@ -94,6 +93,7 @@ def write_shard(root: Path, j: int, rows: range, *, texts: list[str], tokens: To
         "row_id": pa.array(np.arange(rows.start, rows.stop), pa.int64()),
         "source": pa.array([source] * len(rows) if isinstance(source, str) else source, pa.string()),
         "offset": pa.array(np.arange(rows.start, rows.stop) if offsets is None else offsets, pa.int64()),
+        "start": pa.array(np.zeros(len(rows), np.int64) if starts is None else starts, pa.int64()),
         "text": pa.array(texts, pa.string()),
         "n_tokens": pa.array([len(x) for x in tokens.input_ids], pa.int32()),
         "truncated": pa.array(tokens.truncated, pa.bool_()),

@@ -22,6 +22,7 @@ from .builder import publish
 from .compress import Compressor
 from .corpus import describe_data, load_texts, texts_fingerprint
 from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, tokenize_texts
+from .documents import Rows, split_documents
 from .errors import GradIndexError
 from .factors import Factors
 from .files import writer_lock
@@ -46,7 +47,7 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
         factors = Factors.load(root / store.FACTORS_DIR)
         factors.check_model(lm.model_hash, lm.tokenizer_hash)
         field = text_field or manifest.build.text_field
-        dataset = load_texts(data, text_field=field, split=split)
+        dataset = load_texts(data, text_field=field, split=split, chat=lm.tokenizer if manifest.build.chat else None)
         if len(dataset) == 0:
             raise GradIndexError(f"data {data} has no rows")
         fingerprint = texts_fingerprint(dataset, field)
@@ -57,13 +58,17 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
             return manifest
         if fingerprint == manifest.build.data_fingerprint or any(a.data_fingerprint == fingerprint for a in manifest.additions):
             return manifest  # already added (a re-run after a kill, or twice by mistake): its rows are never indexed twice
+        rows = split_documents(lm.tokenizer, dataset[field], manifest.build.max_length, chunk=manifest.build.stride > 0,
+                               stride=manifest.build.stride or None)  # as the build split its documents
+        if len(rows) == 0:
+            raise GradIndexError(f"data {data}: all {len(dataset)} rows are empty")
         start = manifest.n_rows
-        addition = Addition(describe_data(data), fingerprint, field, (start, start + len(dataset)), len(manifest.shards))
+        addition = Addition(describe_data(data), fingerprint, field, (start, start + len(rows)), len(manifest.shards))
         directory = store.shards_of(manifest)
         if pending != addition:  # another add was killed: its shards are in no manifest
             store.drop_shards(root, directory, addition.first_shard)
             store.save_pending(root, addition)
-        records = _add_shards(lm, Compressor(factors, manifest.compression), dataset, addition, manifest, root, directory, token_budget,
+        records = _add_shards(lm, Compressor(factors, manifest.compression), rows, addition, manifest, root, directory, token_budget,
                               progress)
         reader = ShardReader(root, manifest.shards + records, manifest.compression.stage1_dim,
                              removed=store.read_removed(root, manifest), check=False)
@@ -77,7 +82,7 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
         return new
 
 
-def _add_shards(lm, compressor, dataset, addition: Addition, manifest: Manifest, root: Path, directory: str, token_budget: int,
+def _add_shards(lm, compressor, windows: Rows, addition: Addition, manifest: Manifest, root: Path, directory: str, token_budget: int,
                 progress: bool):
     config, (first, stop) = manifest.build, addition.rows
     records = []
@@ -87,12 +92,13 @@ def _add_shards(lm, compressor, dataset, addition: Addition, manifest: Manifest,
         record = store.read_record(root, j, directory)
         if record is None or record.rows != (rows.start, rows.stop):
             started = time.perf_counter()
-            local = np.arange(rows.start - first, rows.stop - first)
-            texts = dataset[int(local[0]) : int(local[-1]) + 1][addition.text_field]
+            local = slice(rows.start - first, rows.stop - first)
+            texts = windows.texts[local]
             tokens = tokenize_texts(lm.tokenizer, texts, config.max_length)
             codes, self_influence = compressor.encode(lm.model, tokens, token_budget)
             record = store.write_shard(root, j, rows, texts=texts, tokens=tokens, codes=codes, self_influence=self_influence,
-                                       source=addition.data, started=started, offsets=local, directory=directory)
+                                       source=addition.data, started=started, offsets=windows.documents[local],
+                                       starts=windows.starts[local], directory=directory)
         records.append(record)
         bar.update(len(rows))
     bar.close()
@@ -190,11 +196,12 @@ def compact(index: str | Path, *, progress: bool = True) -> Manifest:
             record = store.read_record(root, j, directory)  # a killed compaction of this generation left it
             if record is None or record.rows != (rows.start, rows.stop):
                 source = live[rows.start : rows.stop]
-                meta = old.rows(source, ("text", "source", "offset", "input_ids", "truncated", "self_influence"))
+                meta = old.rows(source, ("text", "source", "offset", "start", "input_ids", "truncated", "self_influence"))
                 tokens = TokenizedSet.training_text(meta["input_ids"], truncated=meta["truncated"])
                 record = store.write_shard(root, j, rows, texts=meta["text"], tokens=tokens, codes=old.codes(source),
                                            self_influence=np.asarray(meta["self_influence"]), source=meta["source"],
-                                           started=time.perf_counter(), offsets=np.asarray(meta["offset"]), directory=directory)
+                                           started=time.perf_counter(), offsets=np.asarray(meta["offset"]), starts=np.asarray(meta["start"]),
+                                           directory=directory)
             records.append(record)
         reader = ShardReader(root, records, config.compression.stage1_dim, check=False)
         faiss_index = ann.build_index(manifest.index.key, reader.stage1_dim, len(live), reader.vector_blocks,

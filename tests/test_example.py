@@ -74,14 +74,14 @@ def test_demo_builds_an_index_and_answers_through_it(example, tmp_path):
 def test_order_flip_reports_the_exact_influence_of_each_facts_own_sentences(example, example_index):
     facts = load_facts()[:3]
     result = order_flip(example_index, facts)
-    texts = [json.loads(line)["text"] for line in example.train_path.read_text().splitlines()]
+    texts = example_index.reader.rows(range(example_index.n), ("text",))["text"]  # the rows: long documents as windows
     factors = example_index.root / "factors"
     for fact, row in zip(facts, result["per_fact"]):
         own = np.array([t in fact["templates"] for t in texts])
         assert row["sentences"] == own.sum() > 0
         for direction, query in (("forward", Query(fact["prompt"], fact["completion"])),
                                  ("reverse", Query(fact["reverse_prompt"], fact["reverse_completion"]))):
-            scores = pipeline.score(example.model_dir, factors, example.train_path, [query], max_length=example.max_length,
+            scores = pipeline.score(example.model_dir, factors, texts, [query], max_length=example.max_length,
                                     progress=False).scores[0]
             assert row[f"{direction}_mean"] == pytest.approx(scores[own].mean(), rel=1e-4)
             assert row[f"{direction}_relative"] == pytest.approx(scores[own].mean() / np.median(np.abs(scores[~own])), rel=1e-3)

@@ -88,7 +88,9 @@ SMALL_CONFIG = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, 
                     n_routed_experts=4, num_experts_per_tok=2, vocab_size=50, max_position_embeddings=64, head_dim=8,
                     kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
                     topk_group=1, first_k_dense_replace=1)
-FAMILY_CONFIG = {"deepseek_v3": dict(head_dim=4, num_key_value_heads=2), "deepseek_v2": dict(head_dim=4, num_key_value_heads=2)}
+FAMILY_CONFIG = {"deepseek_v3": dict(head_dim=4, num_key_value_heads=2), "deepseek_v2": dict(head_dim=4, num_key_value_heads=2),
+                 "phi3": dict(pad_token_id=0),  # its default pad id is beyond the tiny vocabulary
+                 "falcon": dict(ffn_hidden_size=64)}
 
 
 def tiny_family(model_type: str, *, seed: int = 0, dtype=torch.float32, **overrides):
@@ -97,7 +99,7 @@ def tiny_family(model_type: str, *, seed: int = 0, dtype=torch.float32, **overri
 
     config = AutoConfig.for_model(model_type)
     for key, value in {**SMALL_CONFIG, **FAMILY_CONFIG.get(model_type, {}), **overrides}.items():
-        if hasattr(config, key):
+        if hasattr(config, key) and not isinstance(getattr(type(config), key, None), property):  # Falcon's head_dim is derived
             setattr(config, key, value)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).to(dtype).eval()
