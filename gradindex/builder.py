@@ -86,7 +86,7 @@ def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, p
     todo = [j for j in range(config.n_shards) if part.owns(j) and store.read_record(out, j) is None]
     bar = tqdm(total=sum(len(config.shard_rows(j)) for j in todo), desc="building shards", unit="seq", disable=not progress)
     for j in todo:
-        _build_shard(lm, compressor, rows, config, out, j, options.token_budget)
+        _build_shard(lm, compressor, rows, dataset[config.text_field], config, out, j, options.token_budget)
         bar.update(len(config.shard_rows(j)))
     bar.close()
     part.barrier()
@@ -129,10 +129,11 @@ def _fit(lm, data, dataset, options: BuildOptions, progress: bool, part: Part) -
                token_budget=options.token_budget, progress=progress, data_name=describe_data(data), part=part)
 
 
-def _build_shard(lm: LanguageModel, compressor: Compressor, rows: Rows, config: BuildConfig, out: Path, j: int, token_budget: int) -> None:
+def _build_shard(lm: LanguageModel, compressor: Compressor, rows: Rows, documents, config: BuildConfig, out: Path, j: int,
+                 token_budget: int) -> None:
     started = time.perf_counter()
     span = config.shard_rows(j)
-    texts = rows.texts[span.start : span.stop]
+    texts = rows.texts(documents, span)
     tokens = tokenize_texts(lm.tokenizer, texts, config.max_length)
     codes, self_influence = compressor.encode(lm.model, tokens, token_budget)
     store.write_shard(out, j, span, texts=texts, tokens=tokens, codes=codes, self_influence=self_influence, source=config.data,

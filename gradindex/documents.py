@@ -14,48 +14,59 @@ from .errors import GradIndexError
 
 @dataclass
 class Rows:
-    """The rows of an index made from documents: ``texts[i]`` is row i, from document ``documents[i]`` (its row
-    in the data) starting at its token ``starts[i]``."""
+    """The rows of an index made from documents: row i is document ``documents[i]`` (its row in the data) from
+    its token ``starts[i]``, the characters ``spans[i]`` of its text. Texts are cut from the documents when a
+    shard needs them (:meth:`texts`), so a corpus is never held in memory twice."""
 
-    texts: list[str]
     documents: np.ndarray
     starts: np.ndarray
+    spans: np.ndarray  # (rows, 2) character ranges; end -1: to the end of the text
     empty: int  # documents skipped for holding no text
     split: int  # documents longer than one window, split
     stride: int  # tokens between window starts; 0: documents truncated, not split
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.documents)
+
+    def texts(self, documents, span: range) -> list[str]:
+        """The texts of rows ``span``, cut from ``documents`` (the data's text column, read for these rows' documents only)."""
+        if len(span) == 0:
+            return []
+        first = int(self.documents[span.start])
+        source = documents[first : int(self.documents[span.stop - 1]) + 1]
+        return [source[d - first][b : None if e < 0 else e]
+                for d, (b, e) in zip(self.documents[span.start : span.stop].tolist(), self.spans[span.start : span.stop].tolist())]
 
 
 def split_documents(tokenizer, texts, max_length: int, *, chunk: bool = True, stride: int | None = None, batch: int = 1000) -> Rows:
-    """Rows of ``texts``: with ``chunk`` a document longer than ``max_length`` tokens (special tokens included)
-    becomes windows of that length, one every ``stride`` tokens (default: the window length, no overlap), cut at
-    token boundaries by character offsets; without, each document is one row, truncated when tokenized."""
+    """Rows of ``texts`` (a sequence: a list, or a ``datasets`` column read a batch at a time): with ``chunk`` a
+    document longer than ``max_length`` tokens (special tokens included) becomes windows of that length, one
+    every ``stride`` tokens (default: the window length, no overlap), cut at token boundaries by character
+    offsets; without, each document is one row, truncated when tokenized."""
     window = max_length - tokenizer.num_special_tokens_to_add()
     if chunk and stride is not None and not 0 < stride <= window:
         raise GradIndexError(f"stride must be between 1 and the window of {window} tokens, got {stride}")
     stride = (stride or window) if chunk else None
-    out, documents, starts, empty, split = [], [], [], 0, 0
-    texts = list(texts)
+    documents, starts, spans, empty, split = [], [], [], 0, 0
     for first in range(0, len(texts), batch):
-        chunk = texts[first : first + batch]
-        for i, text in enumerate(chunk, first):
+        chunk_texts = list(texts[first : first + batch])
+        for i, text in enumerate(chunk_texts, first):
             if not isinstance(text, str):
                 raise GradIndexError(f"training row {i} is {type(text).__name__}, not text")
-        offsets = _offsets(tokenizer, chunk) if stride is not None else [None] * len(chunk)
-        for i, (text, spans) in enumerate(zip(chunk, offsets), first):
+        offsets = _offsets(tokenizer, chunk_texts) if stride is not None else [None] * len(chunk_texts)
+        for i, (text, tokens) in enumerate(zip(chunk_texts, offsets), first):
             if not text.strip():
                 empty += 1
                 continue
-            if spans is None or len(spans) <= window:
-                out.append(text), documents.append(i), starts.append(0)
+            if tokens is None or len(tokens) <= window:
+                documents.append(i), starts.append(0), spans.append((0, -1))
                 continue
             split += 1
-            for start in _window_starts(len(spans), window, stride):
-                end = min(start + window, len(spans)) - 1
-                out.append(text[spans[start][0] : spans[end][1]]), documents.append(i), starts.append(start)
-    return Rows(out, np.asarray(documents, dtype=np.int64), np.asarray(starts, dtype=np.int64), empty, split, stride or 0)
+            for start in _window_starts(len(tokens), window, stride):
+                end = min(start + window, len(tokens)) - 1
+                documents.append(i), starts.append(start), spans.append((tokens[start][0], tokens[end][1]))
+    return Rows(np.asarray(documents, dtype=np.int64), np.asarray(starts, dtype=np.int64),
+                np.asarray(spans, dtype=np.int64).reshape(-1, 2), empty, split, stride or 0)
 
 
 def _window_starts(n_tokens: int, window: int, stride: int) -> list[int]:

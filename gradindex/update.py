@@ -68,7 +68,7 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
         if pending != addition:  # another add was killed: its shards are in no manifest
             store.drop_shards(root, directory, addition.first_shard)
             store.save_pending(root, addition)
-        records = _add_shards(lm, Compressor(factors, manifest.compression), rows, addition, manifest, root, directory, token_budget,
+        records = _add_shards(lm, Compressor(factors, manifest.compression), rows, dataset[field], addition, manifest, root, directory, token_budget,
                               progress)
         reader = ShardReader(root, manifest.shards + records, manifest.compression.stage1_dim,
                              removed=store.read_removed(root, manifest), check=False)
@@ -82,7 +82,7 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
         return new
 
 
-def _add_shards(lm, compressor, windows: Rows, addition: Addition, manifest: Manifest, root: Path, directory: str, token_budget: int,
+def _add_shards(lm, compressor, windows: Rows, documents, addition: Addition, manifest: Manifest, root: Path, directory: str, token_budget: int,
                 progress: bool):
     config, (first, stop) = manifest.build, addition.rows
     records = []
@@ -93,7 +93,7 @@ def _add_shards(lm, compressor, windows: Rows, addition: Addition, manifest: Man
         if record is None or record.rows != (rows.start, rows.stop):
             started = time.perf_counter()
             local = slice(rows.start - first, rows.stop - first)
-            texts = windows.texts[local]
+            texts = windows.texts(documents, range(local.start, local.stop))
             tokens = tokenize_texts(lm.tokenizer, texts, config.max_length)
             codes, self_influence = compressor.encode(lm.model, tokens, token_budget)
             record = store.write_shard(root, j, rows, texts=texts, tokens=tokens, codes=codes, self_influence=self_influence,

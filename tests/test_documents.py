@@ -28,9 +28,11 @@ def eos_tokenizer():
 
 @pytest.mark.parametrize("tokenizer, stride", [(word_tokenizer(), None), (word_tokenizer(), 5), (eos_tokenizer(), None)])
 def test_a_long_document_becomes_windows_covering_every_token(tokenizer, stride):
-    rows = split_documents(tokenizer, ["the king", LONG, "", "  \n", "a red river"], 12, stride=stride)
+    docs = ["the king", LONG, "", "  \n", "a red river"]
+    rows = split_documents(tokenizer, docs, 12, stride=stride)
+    texts = rows.texts(docs, range(len(rows)))
     assert rows.empty == 2 and rows.split == 1
-    assert rows.texts[0] == "the king" and rows.texts[-1] == "a red river"
+    assert texts[0] == "the king" and texts[-1] == "a red river"
     assert rows.documents.tolist()[0] == 0 and rows.documents.tolist()[-1] == 4
     window = 12 - tokenizer.num_special_tokens_to_add()
     step = stride or window
@@ -39,13 +41,14 @@ def test_a_long_document_becomes_windows_covering_every_token(tokenizer, stride)
     assert rows.starts[ours].tolist() == expected and expected[-1] + window >= 40
     words = LONG.split()
     for i, start in zip(ours, expected):
-        assert rows.texts[i].split() == words[start : start + window]  # the document's own text, cut at tokens
-        assert len(tokenizer(rows.texts[i])["input_ids"]) <= 12
+        assert texts[i].split() == words[start : start + window]  # the document's own text, cut at tokens
+        assert len(tokenizer(texts[i])["input_ids"]) <= 12
+    assert rows.texts(docs, range(2, 3)) == texts[2:3]  # a shard's rows cut from their documents alone
 
 
 def test_truncation_keeps_one_row_per_document_and_bad_strides_are_refused():
     rows = split_documents(word_tokenizer(), ["the king", LONG, ""], 12, chunk=False)
-    assert rows.texts == ["the king", LONG] and rows.documents.tolist() == [0, 1] and rows.starts.tolist() == [0, 0]
+    assert rows.texts(["the king", LONG, ""], range(2)) == ["the king", LONG] and rows.documents.tolist() == [0, 1] and rows.starts.tolist() == [0, 0]
     assert rows.empty == 1 and rows.stride == 0
     for bad in (0, 13):
         with pytest.raises(GradIndexError, match="stride must be between 1 and the window of 12 tokens"):
