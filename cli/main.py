@@ -66,9 +66,9 @@ def scores(
     completion: Optional[str] = CompletionOpt,
     text_field: str = TextFieldOpt, split: Optional[str] = SplitOpt, chat: bool = ChatOpt,
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate training sequences (default: as the factors were fitted)."),
-    damping: Optional[float] = DampingOpt,
-    damping_scale: Optional[float] = DampingScaleOpt,
+    damping: Optional[float] = DampingOpt, damping_scale: Optional[float] = DampingScaleOpt,
     per_layer: bool = typer.Option(False, "--per-layer", help="Also write per-layer scores (<out>.per_layer.npz)."),
+    per_head: bool = typer.Option(False, "--per-head", help="Also write per-head scores of q/k/v/o projections (<out>.per_head.npz; with --modules all at fit)."),
     per_token: bool = typer.Option(False, "--per-token", help="Also write per-token scores (<out>.per_token.npz, one array per training row)."),
     query_rank: Optional[int] = typer.Option(None, "--query-rank", help="Hold each query's preconditioned gradient as a rank-r SVD (less memory for many queries; approximate)."),
     top: int = typer.Option(3, "--top", help="Print this many top training rows per query."),
@@ -79,7 +79,7 @@ def scores(
     """Exact EK-FAC influence of every training sequence on every query."""
     result = pipeline.score(
         model, factors, data, as_queries(queries, prompt=prompt, completion=completion), text_field=text_field, split=split, chat=chat, max_length=max_length,
-        token_budget=token_budget, damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token,
+        token_budget=token_budget, damping=damping, damping_scale=damping_scale, per_layer=per_layer, per_token=per_token, per_head=per_head,
         query_rank=query_rank, tokenizer=tokenizer, dtype=dtype, device=device,
     )
     if result.n_truncated:

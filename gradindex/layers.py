@@ -149,6 +149,24 @@ def select_layers(model: nn.Module, which: str = DEFAULT_MODULES) -> list[LayerS
     return [s for _, s in chosen]
 
 
+# Separate attention projections: q/k/v outputs are heads' rows, o_proj's (OPT: out_proj's) inputs heads' columns.
+# Fused qkv matrices (GPT-2's c_attn, NeoX's query_key_value) lay heads out per family and are not split.
+_HEAD_PROJECTIONS = {"q_proj": (0, False), "k_proj": (0, True), "v_proj": (0, True), "o_proj": (1, False), "out_proj": (1, False)}
+
+
+def head_blocks(model: nn.Module, spec: LayerSpec) -> tuple[int, int] | None:
+    """How an attention projection's gradient splits into heads, ``(axis, heads)``: axis 0 its rows (q/k/v, by
+    key-value heads for k and v), axis 1 its input columns (o_proj; the bias column belongs to no head); else None."""
+    layout = _HEAD_PROJECTIONS.get(spec.name.rsplit(".", 1)[-1])
+    if layout is None or spec.expert is not None:
+        return None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", None)
+    heads = (getattr(config, "num_key_value_heads", None) or heads) if layout[1] else heads
+    width = spec.d_out if layout[0] == 0 else spec.d_in - spec.has_bias
+    return (layout[0], heads) if isinstance(heads, int) and heads > 0 and width % heads == 0 else None
+
+
 def resolve_modules(model: nn.Module, which: str) -> str:
     """``auto`` made concrete for ``model`` (``lora`` when it has LoRA adapter layers, else ``mlp``); others as given."""
     if which != "auto":

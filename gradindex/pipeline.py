@@ -54,7 +54,7 @@ def layers(model, *, tokenizer=None, modules: str = DEFAULT_MODULES, dtype: str 
 
 def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] | str | Path, *, tokenizer=None,
           text_field: str = "text", split: str | None = None, chat: bool = False, max_length: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-          damping: float | None = None, damping_scale: float | None = None, per_layer: bool = False, per_token: bool = False,
+          damping: float | None = None, damping_scale: float | None = None, per_layer: bool = False, per_token: bool = False, per_head: bool = False,
           query_rank: int | None = None, dtype: str | None = None, device: str = "cpu", progress: bool = True) -> ScoreResult:
     """EK-FAC influence of every sequence of ``data`` on every query: exact, or with each query's
     preconditioned gradient cut to rank ``query_rank`` (query batching)."""
@@ -66,7 +66,8 @@ def score(model, factors: Factors | str | Path, data, queries: Sequence[Query] |
     query_set = tokenize_queries(lm.tokenizer, as_queries(queries), lm.max_length(None))
     train = tokenize_texts(lm.tokenizer, load_texts(data, text_field=text_field, split=split, chat=lm.tokenizer if chat else None)[text_field], max_length)
     return compute_scores(lm.model, factors, train, query_set, token_budget=token_budget, damping=damping, damping_scale=damping_scale,
-                          per_layer=per_layer, per_token=per_token, query_rank=query_rank, progress=progress)
+                          per_layer=per_layer, per_token=per_token, per_head=per_head, query_rank=query_rank,
+                          progress=progress)
 
 
 def build(model, data, out: str | Path, *, factors: Factors | str | Path | None = None, tokenizer=None,

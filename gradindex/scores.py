@@ -25,7 +25,7 @@ from .data import DEFAULT_TOKEN_BUDGET, TokenizedSet, collate, plan_batches
 from .errors import GradIndexError
 from .factors import Factors
 from .files import atomic_write
-from .layers import LayerSpec
+from .layers import LayerSpec, head_blocks
 
 # Largest intermediate (in elements) a contraction may form before it is split; ~256 MB of float32.
 _MAX_ELEMENTS = 64 * 2**20
@@ -47,19 +47,21 @@ class ScoreResult:
     """``scores[q, n]``: influence of training sequence n on query q (float32).
 
     ``per_layer[name][q, n]`` sums over layers to ``scores``; ``per_token[n][q, t]`` is token t's share
-    of sequence n's influence and sums over t to ``scores[q, n]``.
+    of sequence n's influence and sums over t to ``scores[q, n]``; ``per_head[name][q, n, h]`` splits an
+    attention projection's ``per_layer`` by head (:func:`layers.head_blocks`; an o_proj bias is in no head).
     """
 
     scores: np.ndarray
     per_layer: dict[str, np.ndarray] | None = None
     per_token: list[np.ndarray] | None = None
+    per_head: dict[str, np.ndarray] | None = None
     n_truncated: int = 0  # training sequences cut to the maximum length (not saved: a property of the run)
 
     def save(self, path: str | Path) -> list[Path]:
         """``scores`` as ``path`` (.npy); per-layer and per-token scores beside it as ``<stem>.per_layer.npz``
         and ``<stem>.per_token.npz`` (one array per training row). Returns the files written."""
         path = Path(path)
-        arrays = {path: self.scores, _beside(path, "per_layer"): self.per_layer,
+        arrays = {path: self.scores, _beside(path, "per_layer"): self.per_layer, _beside(path, "per_head"): self.per_head,
                   _beside(path, "per_token"): None if self.per_token is None else {str(i): t for i, t in enumerate(self.per_token)}}
         written = []
         for target, value in arrays.items():
@@ -78,11 +80,12 @@ class ScoreResult:
         path = Path(path)
         if not path.is_file():
             raise GradIndexError(f"no scores at {path}")
-        per_layer, per_token = (_beside(path, kind) for kind in ("per_layer", "per_token"))
+        per_layer, per_token, per_head = (_beside(path, kind) for kind in ("per_layer", "per_token", "per_head"))
         tokens = dict(np.load(per_token)) if per_token.is_file() else None
         return cls(
             scores=np.load(path),
             per_layer=dict(np.load(per_layer)) if per_layer.is_file() else None,
+            per_head=dict(np.load(per_head)) if per_head.is_file() else None,
             per_token=[tokens[str(i)] for i in range(len(tokens))] if tokens is not None else None,
         )
 
@@ -211,6 +214,7 @@ def compute_scores(
     damping_scale: float | None = None,
     per_layer: bool = False,
     per_token: bool = False,
+    per_head: bool = False,
     query_rank: int | None = None,
     progress: bool = True,
 ) -> ScoreResult:
@@ -223,7 +227,7 @@ def compute_scores(
         if query_rank is not None:
             p = low_rank(p, query_rank)
         parts.append(score_preconditioned(model, factors.specs, p, train, token_budget=token_budget, per_layer=per_layer,
-                                          per_token=per_token, progress=progress))
+                                          per_token=per_token, per_head=per_head, progress=progress))
         del p
     if len(parts) == 1:
         return parts[0]
@@ -231,6 +235,7 @@ def compute_scores(
         scores=np.concatenate([r.scores for r in parts]),
         per_layer={k: np.concatenate([r.per_layer[k] for r in parts]) for k in parts[0].per_layer} if per_layer else None,
         per_token=[np.concatenate([r.per_token[i] for r in parts]) for i in range(len(train))] if per_token else None,
+        per_head={k: np.concatenate([r.per_head[k] for r in parts]) for k in parts[0].per_head} if per_head else None,
         n_truncated=train.n_truncated,
     )
 
@@ -244,12 +249,21 @@ def score_preconditioned(
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     per_layer: bool = False,
     per_token: bool = False,
+    per_head: bool = False,
     progress: bool = True,
 ) -> ScoreResult:
     """Exact influence of every sequence of ``train`` given preconditioned query gradients P_q (Q, d_out, d_in)."""
     device, dtype = device_and_dtype(model)
     n_q, n = next(iter(p.values())).shape[0], len(train)
     layer_scores = {s.name: torch.zeros(n_q, n, dtype=torch.float64) for s in layers}
+    heads = {}  # layer → (axis, heads, rows or columns per head)
+    for s in layers if per_head else []:
+        if (blocks := head_blocks(model, s)) is not None:
+            axis, h = blocks
+            heads[s.name] = (axis, h, (s.d_out if axis == 0 else s.d_in - s.has_bias) // h)
+    if any(isinstance(p[name], LowRankQuery) for name in heads):
+        raise GradIndexError("per-head scores need exact query gradients (no --query-rank)")
+    head_scores = {name: torch.zeros(n_q, n, h, dtype=torch.float64) for name, (_, h, _) in heads.items()}
     token_scores: list[np.ndarray | None] = [np.zeros((n_q, len(ids)), np.float32) for ids in train.input_ids] if per_token else []
     for rows in tqdm(plan_batches(train, token_budget), desc="scoring", disable=not progress, unit="batch"):
         tokens_total: list[torch.Tensor] = []  # a running sum over layers, (Q, B, T)
@@ -261,6 +275,12 @@ def score_preconditioned(
                 tokens_total[:] = [s.float() + tokens_total[0]] if tokens_total else [s.float()]
                 s = s.sum(-1)
             layer_scores[name][:, rows] = s.double().cpu()
+            if name in heads:  # the layer's score, summed over each head's block of P_q and of the gradient
+                axis, h, size = heads[name]
+                for k in range(h):
+                    block = slice(k * size, (k + 1) * size)
+                    head = contract(p[name][:, block], a, delta[..., block]) if axis == 0 else contract(p[name][:, :, block], a[..., block], delta)
+                    head_scores[name][:, rows, k] = head.double().cpu()
 
         batch = collate(train, rows).to(device)
         width = batch.input_ids.shape[1]
@@ -274,5 +294,6 @@ def score_preconditioned(
         scores=total.float().numpy(),
         per_layer={k: v.float().numpy() for k, v in layer_scores.items()} if per_layer else None,
         per_token=token_scores if per_token else None,
+        per_head={k: v.float().numpy() for k, v in head_scores.items()} if per_head else None,
         n_truncated=train.n_truncated,
     )
