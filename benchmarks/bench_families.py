@@ -22,11 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from gradindex.capture import summed_nll  # noqa: E402
-from gradindex.data import TokenizedSet, collate  # noqa: E402
+from gradindex.data import TokenizedSet  # noqa: E402
 from gradindex.layers import coverage, select_layers  # noqa: E402
 from gradindex.scores import sequence_gradients  # noqa: E402
-from tiny import tiny_family  # noqa: E402
+from tiny import autograd_gradients as autograd, tiny_family  # noqa: E402
 
 DENSE = ["gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "falcon", "bloom"]
 MOE = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "qwen2_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2", "ernie4_5_moe"]
@@ -48,26 +47,6 @@ def data(n: int = 4, seed: int = 1) -> TokenizedSet:
     g = torch.Generator().manual_seed(seed)
     return TokenizedSet.training_text([torch.randint(0, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
                                        for _ in range(n)])
-
-
-def autograd(model, train: TokenizedSet, specs) -> dict[str, torch.Tensor]:
-    """Each layer's per-sequence gradient in (d_out, d_in [+ bias]) orientation, from the parameters' .grad."""
-    params = dict(model.named_parameters())
-    for p in params.values():
-        p.requires_grad_(True)
-    out = {s.name: [] for s in specs}
-    for r in range(len(train)):
-        batch = collate(train, [r])
-        model.zero_grad()
-        summed_nll(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels).backward()
-        for s in specs:
-            w = params[s.weight].grad if s.expert is None else params[s.weight].grad[s.expert]
-            w = w.T if s.transposed else w
-            if s.has_bias:
-                b = params[f"{s.name}.bias"].grad if s.expert is None else params[f"{s.weight}_bias"].grad[s.expert]
-                w = torch.cat([w, b[:, None]], 1)
-            out[s.name].append(w.clone())
-    return {n: torch.stack(g) for n, g in out.items()}
 
 
 def survey(family: str) -> dict:

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from gradindex.capture import summed_nll
-from gradindex.data import TokenizedSet, collate
+from gradindex.data import TokenizedSet
 from gradindex.fitting import fit_factors
 from gradindex.layers import coverage, select_layers
 from gradindex.scores import compute_scores, sequence_gradients
 from test_math import explicit_fisher
-from tiny import tiny_family
+from tiny import autograd_gradients as _autograd, tiny_family
 
 VOCAB = 50
 
@@ -21,21 +20,6 @@ def _data(n=5, seed=1):
     g = torch.Generator().manual_seed(seed)
     return TokenizedSet.training_text([torch.randint(0, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
                                        for _ in range(n)])
-
-
-def _autograd(model, data, specs):
-    """Per-sequence gradients of each expert's slice of its fused parameter, through the model's own forward."""
-    params = dict(model.named_parameters())
-    out = {s.name: [] for s in specs}
-    for r in range(len(data)):
-        batch = collate(data, [r])
-        model.zero_grad()
-        summed_nll(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels).backward()
-        for s in specs:
-            w = params[s.weight].grad[s.expert]
-            w = w.T if s.transposed else w
-            out[s.name].append(torch.cat([w, params[f"{s.weight}_bias"].grad[s.expert][:, None]], 1) if s.has_bias else w.clone())
-    return {n: torch.stack(g) for n, g in out.items()}
 
 
 def _experts(specs):

@@ -11,8 +11,7 @@ from gradindex.layers import head_blocks, select_layers
 from gradindex.scores import ScoreResult, compute_scores
 from test_experts import _data
 from test_math import explicit_fisher
-from benchmarks.bench_families import autograd as _autograd  # with the bias column
-from tiny import tiny_family, tiny_model
+from tiny import autograd_gradients as _autograd, tiny_family, tiny_model
 
 
 def test_head_blocks_follow_the_config_and_skip_what_has_no_heads():

@@ -10,15 +10,14 @@ import torch
 peft = pytest.importorskip("peft")
 
 from gradindex import GradIndex, build  # noqa: E402
-from gradindex.capture import summed_nll  # noqa: E402
 from gradindex.codeplan import CompressionConfig  # noqa: E402
-from gradindex.data import TokenizedSet, collate  # noqa: E402
+from gradindex.data import TokenizedSet  # noqa: E402
 from gradindex.fitting import fit_factors  # noqa: E402
 from gradindex.layers import coverage, resolve_modules, select_layers  # noqa: E402
 from gradindex.model import load_model  # noqa: E402
 from gradindex.scores import compute_scores, sequence_gradients  # noqa: E402
 from test_math import explicit_fisher  # noqa: E402
-from tiny import random_texts, tiny_model, word_tokenizer  # noqa: E402
+from tiny import autograd_gradients as _autograd, random_texts, tiny_model, word_tokenizer  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -34,20 +33,6 @@ def _data(n=5, seed=1, vocab=90):
     g = torch.Generator().manual_seed(seed)
     return TokenizedSet.training_text([torch.randint(3, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
                                        for _ in range(n)])
-
-
-def _autograd(model, data, specs):
-    params = dict(model.named_parameters())
-    for p in params.values():
-        p.requires_grad_(True)  # PEFT freezes the base weights; the reference wants every gradient
-    out = {s.name: [] for s in specs}
-    for r in range(len(data)):
-        batch = collate(data, [r])
-        model.zero_grad()
-        summed_nll(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels).backward()
-        for s in specs:
-            out[s.name].append(params[s.weight].grad.clone())
-    return {n: torch.stack(g) for n, g in out.items()}
 
 
 def test_the_default_is_the_lora_matrices_and_mlp_means_the_base_mlp():

@@ -103,3 +103,27 @@ def tiny_family(model_type: str, *, seed: int = 0, dtype=torch.float32, **overri
             setattr(config, key, value)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def autograd_gradients(model, train, specs) -> dict[str, torch.Tensor]:
+    """The float64 reference: each layer's per-sequence gradient, (n, d_out, d_in [+ bias]) as gradindex holds it, from
+    autograd's .grad of the parameters (an expert's slice of its fused tensor; frozen weights unfrozen first)."""
+    from gradindex.capture import summed_nll
+    from gradindex.data import collate
+
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    out = {s.name: [] for s in specs}
+    for r in range(len(train)):
+        batch = collate(train, [r])
+        model.zero_grad()
+        summed_nll(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels).backward()
+        for s in specs:
+            w = params[s.weight].grad if s.expert is None else params[s.weight].grad[s.expert]
+            w = w.T if s.transposed else w
+            if s.has_bias:
+                b = params[f"{s.name}.bias"].grad if s.expert is None else params[f"{s.weight}_bias"].grad[s.expert]
+                w = torch.cat([w, b[:, None]], 1)
+            out[s.name].append(w.clone())
+    return {n: torch.stack(g) for n, g in out.items()}
