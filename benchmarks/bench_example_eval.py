@@ -33,7 +33,8 @@ def main() -> None:
     if not (factors_dir / "factors.json").exists():
         fit(lm, art.train_path, max_length=art.max_length, out=factors_dir)
     compression = CompressionConfig(budget=parse_size(args.budget)) if args.budget else CompressionConfig()
-    build(lm, art.train_path, args.index, factors=factors_dir, max_length=art.max_length, compression=compression)
+    build(lm, art.train_path, args.index, factors=factors_dir, max_length=art.max_length, compression=compression,
+          chunk=False)  # as the example model was trained: each paragraph's first max_length tokens
     index = GradIndex.open(args.index, model=lm)
     report = {"budget": compression.budget, "code_dim": index.manifest.code_dim, "captured_variance": index.compressor.plan.captured,
               "bytes_per_sequence": index.manifest.bytes_per_sequence}

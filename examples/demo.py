@@ -46,7 +46,8 @@ def example_index(quick: bool = False, cache: str | Path = ROOT / "examples" / "
     cached_factors(lm, example.train_path, factors_dir, example.max_length)
     index_dir = Path(index or ROOT / "indexes" / ("example-quick" if quick else "example"))
     started = time.perf_counter()
-    build(lm, example.train_path, index_dir, factors=factors_dir, max_length=example.max_length)
+    # The example model was trained on each paragraph's first max_length tokens: the index holds what it saw.
+    build(lm, example.train_path, index_dir, factors=factors_dir, max_length=example.max_length, chunk=False)
     print(f"index ready in {index_dir} ({time.perf_counter() - started:.1f}s)", file=sys.stderr)
     return example, GradIndex.open(index_dir, model=lm)
 

@@ -26,7 +26,7 @@ def example(tmp_path_factory):
 def example_index(example, tmp_path_factory):
     """The quick example indexed with every default (factors fitted by the build)."""
     out = tmp_path_factory.mktemp("example_index") / "idx"
-    build(example.model_dir, example.train_path, out, max_length=example.max_length, progress=False)
+    build(example.model_dir, example.train_path, out, max_length=example.max_length, chunk=False, progress=False)  # as it was trained
     return GradIndex.open(out)
 
 
