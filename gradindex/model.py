@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import GradIndexError
+from .errors import GradIndexError, first_line
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,9 +80,12 @@ def load_model(model, tokenizer=None, *, dtype: str | None = None, device: str =
         name = getattr(inner.config, "_name_or_path", "") or type(inner).__name__
         return LanguageModel(inner.eval(), tokenizer, name, adapter, tokenizer_name)
     check_device(device)
-    module = _from_pretrained(str(model), dtype, device)
     local = Path(str(model))
+    if not local.exists() and (str(model).startswith((".", "/", "~")) or str(model).count("/") > 1):
+        raise GradIndexError(f"model not found: {model}")
+    # The tokenizer first: a missing one is found before minutes of loading weights.
     tokenizer = tokenizer or load_tokenizer(_tokenizer_source(local) if local.is_dir() else str(model))
+    module = _from_pretrained(str(model), dtype, device)
     return LanguageModel(module, tokenizer, _source_name(model), tokenizer_name=tokenizer_name)
 
 
@@ -97,8 +100,7 @@ def load_tokenizer(name_or_path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # transformers raises OSError/ValueError/HTTP errors with multi-line messages
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GradIndexError(f"cannot load tokenizer {name_or_path!r}: {first}") from None
+        raise GradIndexError(f"cannot load tokenizer {name_or_path!r}: {first_line(e)}") from None
     if len(tokenizer) < 2:  # transformers 5 makes an empty one for a model folder without tokenizer files
         raise GradIndexError(f"cannot load tokenizer {name_or_path!r}: no tokenizer files there (an empty vocabulary); pass --tokenizer")
     prepare_tokenizer(tokenizer)
@@ -122,14 +124,8 @@ def _from_pretrained(name_or_path: str, dtype: str | None, device: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars cover long work; loading a checkpoint is not it
-
-    local = Path(name_or_path)
-    if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
-        raise GradIndexError(f"model not found: {name_or_path}")
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype) or "auto")
-    except GradIndexError:
-        raise
     except Exception as e:  # transformers raises OSError/ValueError/HTTP errors with multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GradIndexError(f"cannot load model {name_or_path!r}: {first}") from None
