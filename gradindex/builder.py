@@ -63,8 +63,6 @@ def _build(lm: LanguageModel, data, out: Path, factors, options: BuildOptions, p
         store.save_adapter(out, lm)
     max_length = lm.max_length(options.max_length or fitted.config.max_length or None)
     rows = split_documents(lm.tokenizer, dataset[options.text_field], max_length, chunk=options.chunk, stride=options.stride)
-    if len(rows) == 0:
-        raise GradIndexError(f"data {data}: all {len(dataset)} rows are empty")
     config = BuildConfig(
         model=str((out / store.ADAPTER_DIR).resolve()) if lm.adapter is not None else lm.name,
         model_hash=fitted.config.model_hash, tokenizer_hash=fitted.config.tokenizer_hash,

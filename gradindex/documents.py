@@ -65,6 +65,8 @@ def split_documents(tokenizer, texts, max_length: int, *, chunk: bool = True, st
             for start in _window_starts(len(tokens), window, stride):
                 end = min(start + window, len(tokens)) - 1
                 documents.append(i), starts.append(start), spans.append((tokens[start][0], tokens[end][1]))
+    if not documents and len(texts):
+        raise GradIndexError(f"all {len(texts)} rows of the data are empty")
     return Rows(np.asarray(documents, dtype=np.int64), np.asarray(starts, dtype=np.int64),
                 np.asarray(spans, dtype=np.int64).reshape(-1, 2), empty, split, stride or 0)
 

@@ -84,8 +84,9 @@ class ShardReader:
         for j in np.unique(shard):
             where = np.nonzero(shard == j)[0]
             table = self.meta(int(j)).take(rows[where] - self.starts[j])
-            for c in columns:  # shards written before windows had no start column: whole documents
-                for w, v in zip(where, table.column(c).to_pylist() if c in table.column_names else [0] * len(where)):
+            for c in columns:  # shards written before windows have no start column: whole documents, start 0
+                values = [0] * len(where) if c == "start" and c not in table.column_names else table.column(c).to_pylist()
+                for w, v in zip(where, values):
                     out[c][w] = v
         return out
 

@@ -60,8 +60,6 @@ def add(lm: LanguageModel, data, index: str | Path, *, text_field: str | None = 
             return manifest  # already added (a re-run after a kill, or twice by mistake): its rows are never indexed twice
         rows = split_documents(lm.tokenizer, dataset[field], manifest.build.max_length, chunk=manifest.build.stride > 0,
                                stride=manifest.build.stride or None)  # as the build split its documents
-        if len(rows) == 0:
-            raise GradIndexError(f"data {data}: all {len(dataset)} rows are empty")
         start = manifest.n_rows
         addition = Addition(describe_data(data), fingerprint, field, (start, start + len(rows)), len(manifest.shards))
         directory = store.shards_of(manifest)

@@ -50,6 +50,8 @@ def test_truncation_keeps_one_row_per_document_and_bad_strides_are_refused():
     rows = split_documents(word_tokenizer(), ["the king", LONG, ""], 12, chunk=False)
     assert rows.texts(["the king", LONG, ""], range(2)) == ["the king", LONG] and rows.documents.tolist() == [0, 1] and rows.starts.tolist() == [0, 0]
     assert rows.empty == 1 and rows.stride == 0
+    with pytest.raises(GradIndexError, match="all 2 rows of the data are empty"):
+        split_documents(word_tokenizer(), ["", "  "], 12)
     for bad in (0, 13):
         with pytest.raises(GradIndexError, match="stride must be between 1 and the window of 12 tokens"):
             split_documents(word_tokenizer(), [LONG], 12, stride=bad)
