@@ -17,7 +17,8 @@ from .options import BuildOptions, QueryOptions  # noqa: E402
 from .pipeline import build, evaluate, fit, merge, score  # noqa: E402
 from .report import write_report  # noqa: E402
 from .scores import ScoreResult  # noqa: E402
-from .search import GradIndex, Hit, QueryResult  # noqa: E402
+from .results import Hit, QueryResult  # noqa: E402
+from .search import GradIndex  # noqa: E402
 
 __all__ = [
     "BuildOptions", "CompressionConfig", "EvalReport", "Factors", "GradIndex", "GradIndexError", "Hit", "LanguageModel", "Query",

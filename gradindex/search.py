@@ -9,7 +9,7 @@ Opponents (most negative influence) run the same cascade on the negated query.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import ann, store
 from .reader import ShardReader
-from .candidates import UNCERTAIN_MISSES, Candidates, Shortlist, expected_missed
+from .candidates import Candidates, Shortlist, expected_missed
 from .compress import Compressor, QueryEmbedding
 from .data import DEFAULT_TOKEN_BUDGET, Query, TokenizedSet, as_queries, tokenize_queries
 from .errors import GradIndexError
@@ -26,75 +26,8 @@ from .factors import Factors
 from .model import LanguageModel, load_model
 from .options import QueryOptions
 from .capture import device_and_dtype
+from .results import Hit, QueryResult, Trace
 from .scores import ScoreResult, query_chunks, query_gradients, score_preconditioned
-
-
-@dataclass
-class Hit:
-    """One training sequence in a query's answer."""
-
-    row: int  # global row id in the index
-    score: float  # exact EK-FAC influence (cosine-normalised with ``cosine=True``)
-    approx_score: float  # stage-2 low-rank estimate, same normalisation
-    stage1_score: float  # the stage-1 inner product (heavier damping: comparable within a query only)
-    text: str
-    source: str
-    offset: int  # the row's document: its row in ``source``
-    per_layer: dict[str, float]
-    start: int = 0  # the token of that document where this row's window starts (0: the whole document)
-    tokens: list[str] | None = None
-    token_scores: list[float] | None = None  # sum to ``score`` (unnormalised) over the sequence's tokens
-    copies: list[int] = field(default_factory=list)  # with ``distinct=True``: other rows holding the same text
-
-
-@dataclass
-class Trace:
-    """Every stage's rows and scores (with ``trace=True``), for ``eval`` and the analyses."""
-
-    stage1_rows: np.ndarray  # the k1 FAISS candidates, in FAISS order
-    stage1_scores: np.ndarray
-    stage2_scores: np.ndarray  # of every stage-1 candidate
-    shortlist_rows: np.ndarray  # every row rescored exactly (copies of a shortlisted text included)
-    stage3_scores: np.ndarray  # their exact scores (copies share their text's)
-    hit_rows: np.ndarray  # the final k
-    hit_scores: np.ndarray
-
-
-@dataclass
-class QueryResult:
-    prompt: str
-    completion: str
-    opponents: bool
-    hits: list[Hit]
-    seconds: dict[str, float] = field(default_factory=dict)
-    trace: Trace | None = None
-    expected_missed: float = 0.0  # how many of the true top k the cascade may have missed (see ``expected_missed``)
-
-    @property
-    def uncertain(self) -> bool:
-        return self.expected_missed >= UNCERTAIN_MISSES
-
-    def summary(self) -> str:
-        """What ``gradindex query`` prints: one line per hit (and its strongest tokens, when scored per token)."""
-        lines = [f"{self.prompt!r} → {self.completion!r}: top {len(self.hits)} {'opponents' if self.opponents else 'proponents'} "
-                 f"({self.seconds.get('total', 0) * 1000:.0f} ms)"]
-        if self.uncertain:
-            lines.append(f"  note: the index may have missed about {self.expected_missed:.1f} of the true top {len(self.hits)} "
-                         "(candidates close to the cut were not rescored exactly); raise --k2 to check")
-        for position, h in enumerate(self.hits, 1):
-            copies = f" (×{len(h.copies) + 1})" if h.copies else ""
-            window = f" (document {h.offset}, token {h.start})" if h.start or h.offset != h.row else ""
-            lines.append(f"{position:3d}. {h.score:+.4g}  row {h.row}{window}{copies}  {one_line(h.text)}")
-            if h.tokens:
-                best = sorted(np.argsort(-np.abs(h.token_scores))[:5])
-                lines.append("       tokens: " + ", ".join(f"{h.tokens[t]!r} {h.token_scores[t]:+.3g}" for t in best))
-        return "\n".join(lines)
-
-
-def one_line(text: str, width: int = 100) -> str:
-    """A text flattened to one line of at most ``width`` characters."""
-    flat = " ".join(text.split())
-    return flat[:width] + ("…" if len(flat) > width else "")
 
 
 SCORE_CHUNK = 1024  # rows scored per pass of ``all_scores``
@@ -194,32 +127,33 @@ class GradIndex:
         return results
 
     def _cascade(self, queries: list[Query], options: QueryOptions, trace: bool) -> list[QueryResult]:
-        started = time.perf_counter()
+        """One pass for all ``queries``: one capture for their gradients, one FAISS search, one exact rescoring
+        of the union of their shortlists. Each query's answer is the one it gets alone; times are per query."""
+        n, clock = len(queries), time.perf_counter()
         embedding = self.compressor.embed(self.lm.model, tokenize_queries(self.lm.tokenizer, queries, self.max_query_length),
                                           self.token_budget)
-        seconds = {"gradient": (time.perf_counter() - started) / len(queries)}
-        t = time.perf_counter()
+        seconds = {"gradient": (time.perf_counter() - clock) / n}
+        clock = time.perf_counter()
         stage1 = self._stage1(embedding, options)
-        seconds["stage1"] = (time.perf_counter() - t) / len(queries)
-        results = []
+        seconds["stage1"], clock = (time.perf_counter() - clock) / n, time.perf_counter()
+        picked = []
         for q, query in enumerate(queries):
-            mine = dict(seconds)
-            t = time.perf_counter()
             rows1, scores1 = stage1[q]
             scores2 = self._stage2(embedding, q, rows1, options)
             shortlist = self.candidates.shortlist(rows1[np.argsort(-_sign(options) * scores2, kind="stable")], query, options.k2,
                                                   options.candidates)
-            stage1_of, stage2_of = self._scores_by_row(embedding, q, shortlist, rows1, scores1, scores2, options)
-            mine["stage2"] = time.perf_counter() - t
-            t = time.perf_counter()
-            ranked = self._stage3(embedding, q, shortlist, options)
-            mine["stage3"] = time.perf_counter() - t
-            hits = self._hits(ranked, shortlist, stage1_of, stage2_of, options)
-            mine["total"] = sum(mine.values())
-            kept = Trace(rows1, scores1, scores2, ranked.rows, ranked.scores, ranked.rows[ranked.chosen], ranked.scores[ranked.chosen])
-            missed = expected_missed(rows1, scores2, ranked.rows, np.array([stage2_of[r] for r in ranked.rows.tolist()]), ranked.scores,
+            picked.append((rows1, scores1, scores2, shortlist, *self._scores_by_row(embedding, q, shortlist, rows1, scores1, scores2, options)))
+        seconds["stage2"], clock = (time.perf_counter() - clock) / n, time.perf_counter()
+        ranked = self._stage3(embedding, [pick[3] for pick in picked], options)
+        seconds["stage3"] = (time.perf_counter() - clock) / n
+        seconds["total"] = sum(seconds.values())
+        results = []
+        for query, (rows1, scores1, scores2, shortlist, stage1_of, stage2_of), r in zip(queries, picked, ranked):
+            hits = self._hits(r, shortlist, stage1_of, stage2_of, options)
+            kept = Trace(rows1, scores1, scores2, r.rows, r.scores, r.rows[r.chosen], r.scores[r.chosen])
+            missed = expected_missed(rows1, scores2, r.rows, np.array([stage2_of[row] for row in r.rows.tolist()]), r.scores,
                                      len(hits), _sign(options))
-            results.append(QueryResult(query.prompt, query.completion, options.opponents, hits, mine, kept if trace else None, missed))
+            results.append(QueryResult(query.prompt, query.completion, options.opponents, hits, dict(seconds), kept if trace else None, missed))
         return results
 
     def _stage1(self, embedding: QueryEmbedding, options: QueryOptions) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -249,13 +183,23 @@ class GradIndex:
             stage1_of.update(zip(unseen.tolist(), self.stage1_scores(unseen, embedding.vectors[q]).tolist()))
         return stage1_of, stage2_of
 
-    def _stage3(self, embedding: QueryEmbedding, q: int, shortlist: Shortlist, options: QueryOptions) -> "_Ranked":
-        """Exact scores of the shortlisted texts, one rescore per text, and the final k among their rows."""
-        p = {name: self.factors.precondition_rotated(name, g[q : q + 1], options.damping, options.damping_scale)
-             for name, g in embedding.rotated.items()}
-        texts = TokenizedSet.training_text([shortlist.token_ids[g[0]] for g in shortlist.groups], self.lm.pad_id)
-        exact = self.rescore(p, texts, per_layer=True, per_token=options.per_token)
-        text_scores = exact.scores[0].astype(np.float64) / self._normaliser(embedding, q, shortlist.representatives, options)
+    def _stage3(self, embedding: QueryEmbedding, shortlists: list[Shortlist], options: QueryOptions) -> list["_Ranked"]:
+        """Exact scores of every query's shortlisted texts, from one rescoring of their union (a text shortlisted
+        by several queries is differentiated once), and each query's final k among its rows."""
+        union: dict[tuple, int] = {}
+        for shortlist in shortlists:
+            for g in shortlist.groups:
+                union.setdefault(tuple(shortlist.token_ids[g[0]]), len(union))
+        p = {name: self.factors.precondition_rotated(name, g, options.damping, options.damping_scale) for name, g in embedding.rotated.items()}
+        exact = self.rescore(p, TokenizedSet.training_text([list(key) for key in union], self.lm.pad_id), per_layer=True,
+                             per_token=options.per_token)
+        return [self._rank(exact, q, [union[tuple(s.token_ids[g[0]])] for g in s.groups], s, embedding, options)
+                for q, s in enumerate(shortlists)]
+
+    def _rank(self, exact: ScoreResult, q: int, texts: list[int], shortlist: Shortlist, embedding: QueryEmbedding,
+              options: QueryOptions) -> "_Ranked":
+        """Query q's final k among its shortlisted rows; ``texts[g]`` is group g's column of ``exact``."""
+        text_scores = exact.scores[q, texts].astype(np.float64) / self._normaliser(embedding, q, shortlist.representatives, options)
         members = [(i, g) for g, positions in enumerate(shortlist.groups) for i in positions]  # rows grouped by text
         rows = shortlist.rows[[i for i, _ in members]]
         groups = np.array([g for _, g in members], dtype=np.int64)
@@ -263,7 +207,9 @@ class GradIndex:
         chosen = np.lexsort((rows, -_sign(options) * scores))
         if options.distinct:  # a text's first row stands for it; the others are listed as its copies
             chosen = chosen[np.sort(np.unique(groups[chosen], return_index=True)[1])]
-        return _Ranked(exact, text_scores, rows, groups, scores, chosen[: options.k])
+        per_layer = {name: v[q, texts] for name, v in exact.per_layer.items()}
+        per_token = [exact.per_token[t][q] for t in texts] if options.per_token else None
+        return _Ranked(text_scores, per_layer, per_token, rows, groups, scores, chosen[: options.k])
 
     def _hits(self, ranked: "_Ranked", shortlist: Shortlist, stage1_of: dict, stage2_of: dict, options: QueryOptions) -> list[Hit]:
         """The final hits; a text's exact numbers (and stage-2 estimate) come from its representative."""
@@ -276,9 +222,9 @@ class GradIndex:
             hits.append(Hit(
                 row=int(row), score=float(ranked.text_scores[g]), approx_score=float(stage2_of[representatives[g]]),
                 stage1_score=float(stage1_of[int(row)]), text=meta["text"][i], source=meta["source"][i], offset=meta["offset"][i], start=meta["start"][i],
-                per_layer={name: float(v[0, g]) for name, v in ranked.exact.per_layer.items()},
+                per_layer={name: float(v[g]) for name, v in ranked.per_layer.items()},
                 tokens=self.lm.tokenizer.convert_ids_to_tokens(meta["input_ids"][i]) if options.per_token else None,
-                token_scores=ranked.exact.per_token[g][0].tolist() if options.per_token else None,
+                token_scores=ranked.per_token[g].tolist() if options.per_token else None,
                 copies=copies if options.distinct else [],
             ))
         return hits
@@ -288,8 +234,9 @@ class GradIndex:
 class _Ranked:
     """Stage 3's outcome: exact results per shortlisted text, and every shortlisted row with its text's score."""
 
-    exact: ScoreResult  # per text: per-layer and per-token breakdowns
-    text_scores: np.ndarray  # per text, normalised as the query asks
+    text_scores: np.ndarray  # per shortlisted text, normalised as the query asks
+    per_layer: dict[str, np.ndarray]  # per text
+    per_token: list[np.ndarray] | None  # per text
     rows: np.ndarray  # shortlisted rows, grouped by text
     groups: np.ndarray  # each row's text
     scores: np.ndarray  # each row's score (its text's)
