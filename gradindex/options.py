@@ -7,7 +7,7 @@ bad one gets the same one-line error everywhere.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -22,6 +22,7 @@ DEFAULT_K1 = 1000
 DEFAULT_K2 = 100
 DEFAULT_SHARD_SIZE = 4096
 CANDIDATE_SOURCES = ("index", "tfidf", "hybrid")
+TOKEN_ENV = "GRADINDEX_TOKEN"  # the bearer token of `gradindex serve` and its clients, when not given
 
 
 def _is_count(value) -> bool:
@@ -131,3 +132,22 @@ class BuildOptions:
     @classmethod
     def of(cls, options: "BuildOptions | None" = None, **overrides) -> "BuildOptions":
         return replace(options, **overrides) if options is not None else cls(**overrides)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for: a server shared by a team stays responsive whatever a client sends."""
+
+    max_body: int = 1 << 20  # bytes of a request body
+    max_queries: int = 64  # queries in one /query_many
+    max_k: int = 100
+    max_candidates: int = 10_000  # k1 (stage 1) and k2 (stage 3: a forward+backward each)
+    max_per_token_k: int = 20  # results with token-wise scores (each carries every token's score)
+    max_text: int = 20_000  # characters of a prompt plus its completion
+    max_batch: int = 16  # queries answered by one cascade pass
+    max_wait: float = 0.005  # seconds a request waits for others to join its pass
+
+    def __post_init__(self):
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise GradIndexError(f"{f.name.replace('_', '-')} must be positive, got {getattr(self, f.name)}")

@@ -13,6 +13,7 @@ from typing import Sequence
 from . import builder, store, update
 from .analysis import DEFAULT_SAMPLE
 from .analysis import outliers as _outliers
+from .client import query_server
 from .corpus import load_texts
 from .data import DEFAULT_TOKEN_BUDGET, Query, as_queries, tokenize_queries, tokenize_texts
 from .errors import GradIndexError
@@ -23,11 +24,12 @@ from .fitting import fit as _fit
 from .manifest import Manifest
 from .layers import DEFAULT_MODULES, coverage, resolve_modules, select_layers
 from .model import load_model
-from .options import BuildOptions, QueryOptions, parse_part
+from .options import BuildOptions, Limits, QueryOptions, parse_part
 from .parallel import Part
 from .report import write_report
 from .scores import ScoreResult, compute_scores
 from .search import GradIndex, QueryResult
+from .server import serve as _serve
 
 
 def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_field: str = "text", split: str | None = None,
@@ -128,10 +130,23 @@ def open_index(index: GradIndex | str | Path, *, model=None, tokenizer=None, dty
     return GradIndex.open(index, model=model, tokenizer=tokenizer, dtype=dtype, device=device)
 
 
-def query(index: GradIndex | str | Path, queries, k: int | None = None, *, options: QueryOptions | None = None, model=None,
-          dtype: str | None = None, device: str = "cpu", **overrides) -> list[QueryResult]:
-    """The cascade for each query (a list of :class:`Query` or a jsonl file of them)."""
+def query(index: GradIndex | str | Path | None, queries, k: int | None = None, *, options: QueryOptions | None = None, model=None,
+          dtype: str | None = None, device: str = "cpu", server: str | None = None, token: str | None = None, **overrides) -> list[QueryResult]:
+    """The cascade for each query (a list of :class:`Query` or a jsonl file of them); with ``server``, answered
+    by the ``gradindex serve`` at that URL instead (``token``: its bearer token, default ``$GRADINDEX_TOKEN``)."""
+    if server is not None:
+        if index is not None or model is not None:
+            raise GradIndexError("--server answers with the server's own index and model: give no INDEX and no --model")
+        return query_server(server, as_queries(queries), QueryOptions.of(options, k, **overrides), token=token)
+    if index is None:
+        raise GradIndexError("give an INDEX folder, or --server URL")
     return open_index(index, model=model, dtype=dtype, device=device).query_many(queries, k, options=options, **overrides)
+
+
+def serve(index: str | Path, *, host: str = "127.0.0.1", port: int = 8080, token: str | None = None, limits: Limits | None = None,
+          model=None, dtype: str | None = None, device: str = "cpu") -> None:
+    """Serve the index over HTTP until stopped: the JSON API and the search page (:mod:`gradindex.server`)."""
+    _serve(index, host=host, port=port, token=token, limits=limits or Limits(), model=model, dtype=dtype, device=device)
 
 
 def outliers(index: GradIndex | str | Path, n: int = 20, *, exact: bool = False, damping: float | None = None,

@@ -30,6 +30,8 @@ LEGEND = (f'<span class="sw" style="background:rgba{(*RED, MAX_OPACITY)}"></span
           "Token opacity ∝ |token score| / max |token score| within that sequence; layer bars ∝ |layer score| / max within it. "
           "Token scores sum to the sequence's score; hover a token for its value.")
 
+MEANING = {"proponents": "raise the completion's log-probability", "opponents": "lower it"}
+
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;background:#f6f7f9;margin:0}
 main{max-width:1100px;margin:0 auto;padding:20px 24px 40px}
@@ -61,9 +63,9 @@ def render(proponents: QueryResult, opponents: QueryResult | None, sparsity: Spa
     marked = any(m in t for h in hits for t in h.tokens or () for m in WHITESPACE)
     body = [f'<h1>{escape(title)}</h1><div class="card"><div class="query">{escape(proponents.prompt)}'
             f'<mark>{escape(proponents.completion)}</mark></div><p class="legend">{LEGEND}</p></div>',
-            _hits_section("proponents", "raise the completion's log-probability", proponents, marked)]
+            _hits_section("proponents", proponents, marked)]
     if opponents is not None:
-        body.append(_hits_section("opponents", "lower it", opponents, marked))
+        body.append(_hits_section("opponents", opponents, marked))
     body.append(_sparsity_section(sparsity, curve, note))
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body><main>{"".join(body)}</main></body></html>\n')
@@ -71,11 +73,19 @@ def render(proponents: QueryResult, opponents: QueryResult | None, sparsity: Spa
 
 def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, options: QueryOptions | None = None,
                  exact_sparsity: bool = False, sparsity_sample: int = analysis.DEFAULT_SAMPLE, **overrides) -> Path:
-    """Query the index for proponents and opponents (``options`` and/or its fields as keywords; the page
-    always shows distinct texts with token scores), measure the sparsity of the influence, write the page."""
+    """:func:`report_page` written to ``out``."""
     out = Path(out)
     if out.is_dir():
         raise GradIndexError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
+    page = report_page(index, prompt, completion, options=options, exact_sparsity=exact_sparsity, sparsity_sample=sparsity_sample, **overrides)
+    write_text(out, page)
+    return out
+
+
+def report_page(index: GradIndex, prompt: str, completion: str, *, options: QueryOptions | None = None, exact_sparsity: bool = False,
+                sparsity_sample: int = analysis.DEFAULT_SAMPLE, **overrides) -> str:
+    """Query the index for proponents and opponents (``options`` and/or its fields as keywords; the page
+    always shows distinct texts with token scores), measure the sparsity of the influence, render the page."""
     options = replace(QueryOptions.of(options, **overrides), per_token=True, distinct=True)
     proponents, opponents = (index.query(prompt, completion, options=replace(options, opponents=side), trace=True) for side in (False, True))
     sparsity = curve = None
@@ -92,8 +102,13 @@ def write_report(index: GradIndex, prompt: str, completion: str, out: Path, *, o
             note = (f"Estimated from exact scores of {len(scores)} sequences: the {int(np.sum(weights == 1))} the two queries "
                     "rescored stand for themselves, a uniform sample of the others for the rest (--exact-sparsity scores every sequence).")
         sparsity, curve = analysis.sparsity(scores, weights=weights), analysis.share_curve(scores, weights)[1:]
-    write_text(out, render(proponents, opponents, sparsity, curve, title=f"gradindex report · {index.root.name}", note=note))
-    return out
+    return render(proponents, opponents, sparsity, curve, title=f"gradindex report · {index.root.name}", note=note)
+
+
+def cards(result: QueryResult) -> str:
+    """One result's cards as the report draws them (heat-mapped tokens, layer bars): the search page shows these."""
+    marked = any(m in t for h in result.hits for t in h.tokens or () for m in WHITESPACE)
+    return _hits_section("opponents" if result.opponents else "proponents", result, marked)
 
 
 def display_tokens(tokens: list[str], marked: bool = True) -> list[str]:
@@ -107,9 +122,9 @@ def display_tokens(tokens: list[str], marked: bool = True) -> list[str]:
     return out
 
 
-def _hits_section(kind: str, meaning: str, result: QueryResult, marked: bool) -> str:
-    cards = "".join(_card(position, hit, marked) for position, hit in enumerate(result.hits, 1))
-    return f'<section id="{kind}"><h2>Top {kind} <small>· {meaning}</small></h2><ol class="hits">{cards}</ol></section>'
+def _hits_section(kind: str, result: QueryResult, marked: bool) -> str:
+    drawn = "".join(_card(position, hit, marked) for position, hit in enumerate(result.hits, 1))
+    return f'<section id="{kind}"><h2>Top {kind} <small>· {MEANING[kind]}</small></h2><ol class="hits">{drawn}</ol></section>'
 
 
 def _card(position: int, hit: Hit, marked: bool) -> str:
