@@ -75,7 +75,7 @@ class _Request:
 class QueryBatcher:
     """Answers requests through one thread: the requests waiting together (up to ``max_batch`` queries, the
     first waiting at most ``max_wait`` for company) that share their options run as one
-    ``GradIndex.query_many`` pass. ``max_batch=1`` answers them one at a time."""
+    ``GradIndex.query_many`` pass, a query asked by several of them once. ``max_batch=1`` answers them one at a time."""
 
     def __init__(self, index: GradIndex, lock: threading.Lock, max_batch: int, max_wait: float):
         self.index, self.lock, self.max_batch, self.max_wait = index, lock, max_batch, max_wait
@@ -122,8 +122,9 @@ class QueryBatcher:
 
     def _answer(self, group: list[_Request], options: QueryOptions) -> None:
         try:
+            unique = list(dict.fromkeys(q for r in group for q in r.queries))  # a query asked twice at once is answered once
             with self.lock:
-                results = self.index.query_many([q for r in group for q in r.queries], options=options)
+                answer_of = dict(zip(unique, self.index.query_many(unique, options=options)))
             self.passes += 1
         except Exception as e:  # noqa: BLE001 - handed to the waiting requests, never lost
             if len(group) > 1:  # one bad request must not fail its neighbours: answer each alone
@@ -132,11 +133,9 @@ class QueryBatcher:
                 return
             group[0].future.set_exception(e)
             return
-        start = 0
         for request in group:
-            request.future.set_result(results[start : start + len(request.queries)])
-            start += len(request.queries)
-        self.answered += len(results)
+            request.future.set_result([answer_of[q] for q in request.queries])
+            self.answered += len(request.queries)
 
 
 class Service:

@@ -63,6 +63,21 @@ def same_answer(served: dict, local) -> None:
     assert [h["text"] for h in served["hits"]] == [h.text for h in local.hits]
 
 
+@pytest.mark.parametrize("options", [{"k": 4, "per_token": True, "distinct": True, "k2": 15}, {"k": 3, "opponents": True, "candidates": "hybrid"}])
+def test_one_pass_for_many_queries_answers_each_as_alone(index, options):
+    """The server's batching in Python: one capture, one FAISS search, one rescoring of the union of shortlists."""
+    together = index.query_many(QUERIES + QUERIES[:1], **options)  # a repeated query too
+    for q, r in zip(QUERIES + QUERIES[:1], together):
+        alone = index.query(q.prompt, q.completion, **options)
+        same_answer(r.to_dict(), alone)
+        for a, b in zip(r.hits, alone.hits):
+            assert a.per_layer.keys() == b.per_layer.keys()
+            np.testing.assert_allclose(list(a.per_layer.values()), list(b.per_layer.values()), rtol=1e-4, atol=1e-4)
+            if options.get("per_token"):
+                assert a.tokens == b.tokens
+                np.testing.assert_allclose(a.token_scores, b.token_scores, rtol=1e-4, atol=1e-4)
+
+
 def test_health_info_and_page(server, index):
     assert server.call("/health") == (200, {"status": "ok", "rows": len(TEXTS)})
     status, info = server.call("/info")
