@@ -38,8 +38,12 @@ def test_expert_gradients_equal_autograd_in_float64(family):
     ours = sequence_gradients(model, specs, data, token_budget=64)  # padded batches
     expected = _autograd(model, data, specs)
     assert sum(bool(g.abs().sum() > 0) for g in expected.values()) == len(specs)  # every expert got tokens
+    # DeepSeek-V3's router runs in float32 whatever the model's dtype (F.linear of float32 casts in its modeling
+    # file), so its routing weights carry float32 rounding, which depends on the batch's shape (padded here, one
+    # sequence in autograd): measured 1.3e-6 relative on one CPU, 0 on another. Everything else is float64.
+    rtol, atol = (1e-5, 1e-8) if family == "deepseek_v3" else (1e-10, 1e-13)
     for s in specs:
-        torch.testing.assert_close(ours[s.name], expected[s.name], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(ours[s.name], expected[s.name], rtol=rtol, atol=atol)
 
 
 def test_expert_gradients_equal_autograd_through_the_grouped_kernel_in_float32():
