@@ -205,7 +205,7 @@ def layers(
         typer.echo(f"warning: {found['note']}", err=True)
 
 
-from cli import ask  # noqa: E402,F401  (registers the verbs that ask a built index)
+from cli import ask, check  # noqa: E402,F401  (registers the verbs that ask a built index, and validate)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

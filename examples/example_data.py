@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -27,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from gradindex.data import tokenize_texts  # noqa: E402
+from gradindex.training import TrainRecipe, train  # noqa: E402
+
 EXAMPLES_DIR = Path(__file__).resolve().parent
 FACTS_PATH = EXAMPLES_DIR / "planted_facts.jsonl"
 DEFAULT_CACHE_DIR = EXAMPLES_DIR / ".cache"
 EOT = "<|endoftext|>"
 # Bump when the cache layout or the preparation procedure changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: step-based training by gradindex.training; init/, recipe.json, optimizer.pt kept
 
 _SKIPPED_STDLIB_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages"})
 _MIN_PARAGRAPH_CHARS = 80
@@ -64,12 +67,15 @@ class ExampleConfig:
     warmup_steps: int
     weight_decay: float
     seed: int
-    # Safety net for slow machines: stop early rather than overrun the budget.
-    max_train_seconds: float
+
+    def recipe(self) -> TrainRecipe:
+        """The training schedule, step-based: a slower machine trains the same model, only later."""
+        return TrainRecipe(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           weight_decay=self.weight_decay, seed=self.seed)
 
 
 # Each fact sentence is repeated 5 times: with 2 copies the full model, in its
-# time budget, learned which objects belong to a relation but mostly not which
+# 1,300 steps, learned which objects belong to a relation but mostly not which
 # subject goes with which (first-token argmax ~30% instead of ~60%).
 FULL = ExampleConfig(
     name="full",
@@ -87,7 +93,6 @@ FULL = ExampleConfig(
     warmup_steps=30,
     weight_decay=0.01,
     seed=0,
-    max_train_seconds=150.0,
 )
 
 QUICK = ExampleConfig(
@@ -106,7 +111,6 @@ QUICK = ExampleConfig(
     warmup_steps=30,
     weight_decay=0.01,
     seed=0,
-    max_train_seconds=45.0,
 )
 
 
@@ -122,6 +126,12 @@ class ExampleArtifacts:
     """Same, object -> subject (never stated that way in training)."""
     max_length: int
     """Training sequences were truncated to this many tokens."""
+    init_dir: Path
+    """The weights before training (same config and tokenizer): what ``gradindex validate`` retrains from."""
+    recipe_path: Path
+    """The training schedule (``gradindex.training.TrainRecipe``)."""
+    optimizer_path: Path
+    """AdamW's state at the end of training (``torch.load``; the ``adam`` preconditioner reads it)."""
 
 
 def prepare_example(cache_dir: str | Path = DEFAULT_CACHE_DIR, quick: bool = False) -> ExampleArtifacts:
@@ -217,7 +227,10 @@ def _build(cfg: ExampleConfig, settings: dict[str, Any], out_dir: Path) -> None:
     ]
 
     with _torch_threads(_num_threads()):
-        model, train_stats = train_model(cfg, tokenizer, texts)
+        init = initial_model(cfg, tokenizer)
+        init.save_pretrained(out_dir / "init")
+        tokenizer.save_pretrained(out_dir / "init")
+        model, train_stats, optimizer = train_model(cfg, tokenizer, texts, init)
         results = {
             "num_train_sequences": len(texts),
             "num_stdlib_paragraphs": len(paragraphs),
@@ -238,6 +251,8 @@ def _build(cfg: ExampleConfig, settings: dict[str, Any], out_dir: Path) -> None:
     model_dir = out_dir / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    replace(cfg.recipe(), threads=_num_threads()).save(out_dir)  # the thread count it trained with: retraining reproduces its bits
+    torch.save(optimizer.state_dict(), out_dir / "optimizer.pt")
     _write_jsonl(out_dir / "train.jsonl", ({"text": t} for t in texts))
     _write_jsonl(out_dir / "queries.jsonl", queries)
     _write_jsonl(out_dir / "reverse_queries.jsonl", reverse_queries)
@@ -277,10 +292,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int
     )
 
 
-def train_model(
-    cfg: ExampleConfig, tokenizer: PreTrainedTokenizerFast, texts: list[str]
-) -> tuple[GPT2LMHeadModel, dict[str, Any]]:
-    encoded = _encode(tokenizer, texts, cfg.max_length)
+def initial_model(cfg: ExampleConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(
         GPT2Config(
@@ -300,39 +312,22 @@ def train_model(
     )
     # transformers cannot infer the loss from this class name and warns on every run.
     model.loss_type = "ForCausalLM"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(cfg, step))
-    order = torch.Generator().manual_seed(cfg.seed)
-    log_every = max(1, cfg.steps // 10)
+    return model
 
-    model.train()
-    losses: list[float] = []
+
+def train_model(cfg: ExampleConfig, tokenizer: PreTrainedTokenizerFast, texts: list[str], model: GPT2LMHeadModel
+                ) -> tuple[GPT2LMHeadModel, dict[str, Any], torch.optim.Optimizer]:
+    """``cfg.recipe()`` applied to ``model`` by the library's trainer: what ``gradindex validate`` repeats on subsets."""
     started = time.monotonic()
-    batches = _batches([len(ids) for ids in encoded], cfg.batch_size, order)
-    for step in range(cfg.steps):
-        batch = [encoded[i] for i in next(batches)]
-        input_ids, attention_mask, labels = _collate(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        elapsed = time.monotonic() - started
-        if (step + 1) % log_every == 0:
-            recent = sum(losses[-log_every:]) / len(losses[-log_every:])
-            _log(f"[{cfg.name}] step {step + 1}/{cfg.steps}  loss {recent:.3f}  {elapsed:.0f}s")
-        if elapsed > cfg.max_train_seconds:
-            _log(f"[{cfg.name}] time budget reached, stopping after {step + 1} steps")
-            break
-    model.eval()
+    recipe = replace(cfg.recipe(), threads=_num_threads())
+    losses, optimizer = train(model, tokenize_texts(tokenizer, texts, cfg.max_length), recipe, desc=f"[{cfg.name}] training")
     tail = losses[-max(1, len(losses) // 20) :]
+    _log(f"[{cfg.name}] {len(losses)} steps, final loss {sum(tail) / len(tail):.3f}")
     return model, {
-        "train_seconds": round(elapsed, 1),
+        "train_seconds": round(time.monotonic() - started, 1),
         "steps": len(losses),
         "final_train_loss": round(sum(tail) / len(tail), 4),
-    }
+    }, optimizer
 
 
 @torch.no_grad()
@@ -381,21 +376,6 @@ def _encode(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: in
     return [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
 
 
-def _batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
-    """Endless random batches of indices; each batch holds sequences of similar length."""
-    window = batch_size * 16
-    while True:
-        order = torch.randperm(len(lengths), generator=generator).tolist()
-        # Sorting only within windows of the shuffled order keeps batches random
-        # while cutting most of the padding.
-        batches = []
-        for start in range(0, len(order), window):
-            chunk = sorted(order[start : start + window], key=lengths.__getitem__)
-            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
-        for i in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[i]
-
-
 def _collate(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(map(len, batch))
     input_ids = torch.full((len(batch), width), pad_id)
@@ -405,13 +385,6 @@ def _collate(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         attention_mask[row, : len(ids)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return input_ids, attention_mask, labels
-
-
-def _lr_factor(cfg: ExampleConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @contextmanager
@@ -456,6 +429,9 @@ def _is_complete(directory: Path, settings: dict[str, Any]) -> bool:
         "model/model.safetensors",
         "model/tokenizer.json",
         "model/tokenizer_config.json",
+        "init/model.safetensors",
+        "recipe.json",
+        "optimizer.pt",
         "train.jsonl",
         "queries.jsonl",
         "reverse_queries.jsonl",
@@ -470,6 +446,9 @@ def _artifacts(directory: Path, cfg: ExampleConfig) -> ExampleArtifacts:
         queries_path=directory / "queries.jsonl",
         reverse_queries_path=directory / "reverse_queries.jsonl",
         max_length=cfg.max_length,
+        init_dir=directory / "init",
+        recipe_path=directory / "recipe.json",
+        optimizer_path=directory / "optimizer.pt",
     )
 
 

@@ -7,8 +7,12 @@ an opened :class:`~gradindex.search.GradIndex`.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from . import builder, store, update
 from .analysis import DEFAULT_SAMPLE
@@ -17,6 +21,7 @@ from .client import query_server
 from .corpus import load_texts
 from .data import DEFAULT_TOKEN_BUDGET, Query, as_queries, tokenize_queries, tokenize_texts
 from .errors import GradIndexError
+from .files import atomic_write
 from .evaluation import EvalReport
 from .evaluation import evaluate as _evaluate
 from .factors import Factors
@@ -24,12 +29,16 @@ from .fitting import fit as _fit
 from .manifest import Manifest
 from .layers import DEFAULT_MODULES, coverage, resolve_modules, select_layers
 from .model import load_model
-from .options import BuildOptions, Limits, QueryOptions, parse_part
+from .options import DEFAULT_K2, BuildOptions, Limits, QueryOptions, parse_part
 from .parallel import Part
 from .report import write_report
 from .scores import ScoreResult, compute_scores
 from .search import GradIndex, QueryResult
 from .server import serve as _serve
+from .preconditioners import PRECONDITIONERS, parse_methods, training_scores
+from .training import TrainRecipe, log_probs
+from .validation import Retrainer, ValidationConfig
+from .validation import validate as _validate
 
 
 def fit(model, data, *, tokenizer=None, out: str | Path | None = None, text_field: str = "text", split: str | None = None,
@@ -170,3 +179,41 @@ def report(index: GradIndex | str | Path, prompt: str, completion: str, out: str
     opened = open_index(index, model=model, dtype=dtype, device=device)
     return write_report(opened, prompt, completion, Path(out), options=options, exact_sparsity=exact_sparsity,
                         sparsity_sample=sparsity_sample, **overrides)
+
+
+def validate(model, init, recipe: TrainRecipe | str | Path, data, queries, out: str | Path, *, methods: Sequence[str] | str = PRECONDITIONERS,
+             config: ValidationConfig | None = None, factors: Factors | str | Path | None = None, optimizer_state: str | Path | None = None,
+             index: GradIndex | str | Path | None = None, groups: Sequence[str] | None = None, text_field: str = "text",
+             max_length: int | None = None, progress: bool = True) -> dict:
+    """LDS and leave-top-k-out of each method's scores (and of ``index``'s answers) by retraining ``init`` with
+    ``recipe`` on subsets of ``data`` (:mod:`gradindex.validation`); written to ``out``/validation.json, runs cached under ``out``."""
+    config = config or ValidationConfig()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    recipe = recipe if isinstance(recipe, TrainRecipe) else TrainRecipe.load(recipe)
+    methods = parse_methods(methods)
+    lm, start = load_model(model), load_model(init)
+    if start.tokenizer_hash != lm.tokenizer_hash:
+        raise GradIndexError("the initial model's tokenizer differs from the trained model's")
+    texts = list(load_texts(data, text_field=text_field)[text_field])
+    max_length = lm.max_length(max_length)
+    train_set, asked = tokenize_texts(lm.tokenizer, texts, max_length), as_queries(queries)
+    query_set = tokenize_queries(lm.tokenizer, asked, lm.max_length(None))
+    if "ekfac" in methods and not isinstance(factors, Factors):
+        factors = Factors.load(factors) if factors is not None else _fit(lm, texts, max_length=max_length, progress=progress)
+    layers = factors.specs if isinstance(factors, Factors) else select_layers(lm.model, DEFAULT_MODULES)
+    scores = {m: training_scores(m, lm.model, layers, train_set, query_set, factors=factors, optimizer_state=optimizer_state, train_texts=texts,
+                                 query_texts=[q.prompt + q.completion for q in asked], progress=progress) for m in methods}
+    scores["random"] = np.random.default_rng(config.seed).standard_normal(scores[methods[0]].shape).astype(np.float32)
+    rankings = {}
+    if index is not None:
+        opened = open_index(index, model=lm)
+        if opened.reader.n_rows != len(texts):
+            raise GradIndexError(f"the index holds {opened.reader.n_rows} rows, the data {len(texts)}: leave-top-k-out needs an index of these rows, one per sequence")
+        found = opened.query_many(asked, max(config.leave_out), k2=max(DEFAULT_K2, max(config.leave_out)))
+        rankings["index"] = np.array([[h.offset for h in r.hits] for r in found])
+    retrainer = Retrainer(start.model, train_set, query_set, recipe, out, keep_models=config.keep_models, progress=progress)
+    report = {**_validate(retrainer, scores, config, rankings=rankings, groups=groups, reference_log_probs=log_probs(lm.model, query_set)),
+              "recipe": asdict(recipe), "config": asdict(config)}
+    with atomic_write(Path(out) / "validation.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    return report

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gradindex import Query, pipeline
 from gradindex.pipeline import build
@@ -87,3 +88,24 @@ def test_order_flip_reports_the_exact_influence_of_each_facts_own_sentences(exam
             assert row[f"{direction}_relative"] == pytest.approx(scores[own].mean() / np.median(np.abs(scores[~own])), rel=1e-3)
             assert row[f"{direction}_top10_own"] == own[np.argsort(-scores, kind="stable")[:10]].mean()
     assert result["median_forward_relative"] == pytest.approx(np.median([r["forward_relative"] for r in result["per_fact"]]))
+
+
+def test_the_example_trains_by_steps_and_its_recipe_retrains_it_bit_for_bit(example):
+    """The example is step-based (a busy machine trains the same model, later), and init/ + recipe.json are all
+    ``gradindex validate`` needs: retraining on every row reproduces the saved weights exactly."""
+    from safetensors.torch import load_file
+
+    from gradindex.data import tokenize_texts
+    from gradindex.model import load_model
+    from gradindex.training import TrainRecipe, train
+    from example_data import QUICK
+
+    meta = json.loads((example.model_dir.parent / "meta.json").read_text())
+    recipe = TrainRecipe.load(example.recipe_path)
+    assert meta["results"]["steps"] == recipe.steps == QUICK.steps and "max_train_seconds" not in meta["settings"]
+    lm = load_model(example.init_dir)
+    texts = [json.loads(line)["text"] for line in example.train_path.read_text().splitlines()]
+    train(lm.model, tokenize_texts(lm.tokenizer, texts, example.max_length), recipe, progress=False)
+    saved = load_file(example.model_dir / "model.safetensors")
+    retrained = lm.model.state_dict()
+    assert saved and all(torch.equal(retrained[name], tensor) for name, tensor in saved.items())
