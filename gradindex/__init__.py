@@ -14,13 +14,16 @@ from .evaluation import EvalReport  # noqa: E402
 from .factors import Factors  # noqa: E402
 from .model import LanguageModel, load_model  # noqa: E402
 from .options import BuildOptions, QueryOptions  # noqa: E402
-from .pipeline import build, evaluate, fit, merge, score  # noqa: E402
+from .pipeline import build, evaluate, fit, merge, score, validate  # noqa: E402
 from .report import write_report  # noqa: E402
 from .scores import ScoreResult  # noqa: E402
 from .results import Hit, QueryResult  # noqa: E402
 from .search import GradIndex  # noqa: E402
+from .training import TrainRecipe  # noqa: E402
+from .validation import ValidationConfig  # noqa: E402
 
 __all__ = [
     "BuildOptions", "CompressionConfig", "EvalReport", "Factors", "GradIndex", "GradIndexError", "Hit", "LanguageModel", "Query",
-    "QueryOptions", "QueryResult", "ScoreResult", "build", "evaluate", "fit", "load_model", "merge", "score", "write_report",
+    "QueryOptions", "QueryResult", "ScoreResult", "TrainRecipe", "ValidationConfig", "build", "evaluate", "fit", "load_model", "merge",
+    "score", "validate", "write_report",
 ]

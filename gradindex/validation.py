@@ -149,21 +149,21 @@ def validate(retrainer: Retrainer, scores: dict[str, np.ndarray], config: Valida
         kept = np.setdiff1d(np.arange(n), rankings[m][q, :k])
         drops[m][k][q] = full[q] - retrainer.log_probs(kept, f"without {m}'s top {k} of query {q}")[q]
     groups = list(groups) if groups is not None else ["all"] * n_q
-    by = {"all": np.arange(n_q), **{g: np.flatnonzero(np.array(groups) == g) for g in dict.fromkeys(groups)}}
+    by = {g: np.flatnonzero(np.array(groups) == g) for g in dict.fromkeys(groups)}
     report = {"queries": n_q, "subsets": len(subsets), "fraction": config.fraction, "rows": n, "leave_out_queries": len(asked),
               "full_retrain_vs_model": None if reference_log_probs is None else float(np.max(np.abs(full - reference_log_probs))),
               "retrained_now": retrainer.trained, "preconditioners": {}}
     for m in rankings:
         per_query = lds(scores[m], subsets, measured) if m in scores else None
-        entry = {}
-        for g, rows in by.items():
-            part = {}
+
+        def summary(rows: np.ndarray) -> dict:
+            out = {}
             if per_query is not None:
-                part["lds"] = _mean(per_query[rows])
-                part["lds_ci"] = lds_interval(scores[m], subsets, measured, rows, config.bootstrap, config.seed)
-            for k in config.leave_out:
-                part[f"leave_top{k}_out"] = _mean(drops[m][k][rows])
-            entry.update(part) if g == "all" else entry.setdefault("groups", {}).__setitem__(g, part)
+                out["lds"] = _mean(per_query[rows])
+                out["lds_ci"] = lds_interval(scores[m], subsets, measured, rows, config.bootstrap, config.seed)
+            return {**out, **{f"leave_top{k}_out": _mean(drops[m][k][rows]) for k in config.leave_out}}
+
+        entry = {**summary(np.arange(n_q)), "groups": {g: summary(rows) for g, rows in by.items()}}
         if per_query is not None:
             entry["per_query_lds"] = [round(float(x), 4) if np.isfinite(x) else None for x in per_query]
         report["preconditioners"][m] = entry

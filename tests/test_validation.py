@@ -196,3 +196,16 @@ def test_validate_reports_lds_and_leave_out_and_a_rerun_retrains_nothing(trained
 def test_bad_validate_input_is_one_line(trained, extra, message):
     result = _validate(trained, *extra)
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_log_probs_are_each_completions_log_likelihood_alone(tokenizer):
+    """Batched and padded, each query's log p(completion | prompt) equals the one computed from its own forward."""
+    model = tiny_model("gpt2", width=16, seed=3, dtype=torch.float64)
+    asked = [Query("the king of the north", " wrote a book"), Query("music", " by the old composer of the south"), Query("a", " red")]
+    queries = tokenize_queries(tokenizer, asked, 32)
+    for i, q in enumerate(asked):
+        prompt = tokenizer(q.prompt)["input_ids"]
+        ids = torch.tensor([prompt + tokenizer(q.completion)["input_ids"]])
+        logp = model(input_ids=ids).logits[0].log_softmax(-1)
+        expected = sum(logp[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1]))
+        assert log_probs(model, queries, token_budget=40)[i] == pytest.approx(expected, rel=1e-12)
