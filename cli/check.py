@@ -27,7 +27,8 @@ def validate(
     data: str = typer.Option(..., "--data", help="The training data it was trained on, in training order."),
     queries: Path = typer.Option(..., "--queries", help="jsonl of {\"prompt\", \"completion\"} objects; an optional \"group\" field splits the report."),
     out: Path = typer.Option(..., "--out", help="Folder for the retrained runs (cached: a rerun continues) and validation.json."),
-    methods: str = typer.Option(",".join(PRECONDITIONERS), "--methods", help=f"Preconditioners compared, of {', '.join(PRECONDITIONERS)} (a random baseline is always added)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help=f"Preconditioners compared, of {', '.join(PRECONDITIONERS)} (default: all; adam "
+                                          "with --optimizer-state). A random baseline is always added."),
     subsets: int = typer.Option(_V.subsets, "--subsets", help="Random subsets retrained on for the LDS."),
     fraction: float = typer.Option(_V.fraction, "--fraction", help="Share of the rows in each subset."),
     leave_out: str = typer.Option(",".join(map(str, _V.leave_out)), "--leave-out", help="k of leave-top-k-out, comma-separated ('' for none)."),

@@ -35,7 +35,7 @@ from .report import write_report
 from .scores import ScoreResult, compute_scores
 from .search import GradIndex, QueryResult
 from .server import serve as _serve
-from .preconditioners import PRECONDITIONERS, parse_methods, training_scores
+from .preconditioners import PRECONDITIONERS, check_inputs, parse_methods, training_scores
 from .training import TrainRecipe, log_probs
 from .validation import Retrainer, ValidationConfig
 from .validation import validate as _validate
@@ -181,16 +181,18 @@ def report(index: GradIndex | str | Path, prompt: str, completion: str, out: str
                         sparsity_sample=sparsity_sample, **overrides)
 
 
-def validate(model, init, recipe: TrainRecipe | str | Path, data, queries, out: str | Path, *, methods: Sequence[str] | str = PRECONDITIONERS,
+def validate(model, init, recipe: TrainRecipe | str | Path, data, queries, out: str | Path, *, methods: Sequence[str] | str | None = None,
              config: ValidationConfig | None = None, factors: Factors | str | Path | None = None, optimizer_state: str | Path | None = None,
              index: GradIndex | str | Path | None = None, groups: Sequence[str] | None = None, text_field: str = "text",
              max_length: int | None = None, progress: bool = True) -> dict:
     """LDS and leave-top-k-out of each method's scores (and of ``index``'s answers) by retraining ``init`` with
-    ``recipe`` on subsets of ``data`` (:mod:`gradindex.validation`); written to ``out``/validation.json, runs cached under ``out``."""
+    ``recipe`` on subsets of ``data`` (:mod:`gradindex.validation`); written to ``out``/validation.json, runs cached under ``out``.
+    ``methods`` default: every preconditioner, adam when ``optimizer_state`` is given."""
     config = config or ValidationConfig()
     Path(out).mkdir(parents=True, exist_ok=True)
     recipe = recipe if isinstance(recipe, TrainRecipe) else TrainRecipe.load(recipe)
-    methods = parse_methods(methods)
+    methods = parse_methods(methods or [m for m in PRECONDITIONERS if m != "adam" or optimizer_state is not None])
+    check_inputs(methods, optimizer_state)
     lm, start = load_model(model), load_model(init)
     if start.tokenizer_hash != lm.tokenizer_hash:
         raise GradIndexError("the initial model's tokenizer differs from the trained model's")

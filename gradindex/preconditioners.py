@@ -39,6 +39,14 @@ def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def check_inputs(methods: Sequence[str], optimizer_state: str | Path | None) -> None:
+    """What the methods need, checked before any model or data is loaded."""
+    if "adam" in methods and optimizer_state is None:
+        raise GradIndexError("adam needs the optimizer's state file (--optimizer-state)")
+    if optimizer_state is not None and not Path(optimizer_state).is_file():
+        raise GradIndexError(f"cannot read the optimizer state {optimizer_state}: no such file")
+
+
 def training_scores(method: str, model: nn.Module, layers: list[LayerSpec], train: TokenizedSet, queries: TokenizedSet, *,
                     factors: Factors | None = None, optimizer_state: str | Path | None = None, train_texts: Sequence[str] = (),
                     query_texts: Sequence[str] = (), token_budget: int = DEFAULT_TOKEN_BUDGET, progress: bool = True) -> np.ndarray:
@@ -57,8 +65,7 @@ def training_scores(method: str, model: nn.Module, layers: list[LayerSpec], trai
     if method == "ekfac":
         p = {name: factors.precondition(name, g) for name, g in grads.items()}
     elif method == "adam":
-        if optimizer_state is None:
-            raise GradIndexError("adam needs the optimizer's state file (--optimizer-state)")
+        check_inputs([method], optimizer_state)
         scale = adam_scales(model, layers, optimizer_state)
         p = {name: g / scale[name].to(g) ** 2 for name, g in grads.items()}
     else:

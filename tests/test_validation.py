@@ -189,6 +189,7 @@ def test_validate_reports_lds_and_leave_out_and_a_rerun_retrains_nothing(trained
 @pytest.mark.parametrize("extra, message", [
     (("--methods", "ekfac,influence"), "unknown preconditioner influence"),
     (("--methods", "adam"), "adam needs the optimizer's state file"),
+    (("--optimizer-state", "missing.pt"), "cannot read the optimizer state missing.pt"),
     (("--subsets", "2"), "--subsets must be at least 3"),
     (("--fraction", "1.5"), "--fraction must be between 0 and 1"),
     (("--leave-out", "ten"), "--leave-out must be comma-separated integers"),
