@@ -165,7 +165,8 @@ def validate(retrainer: Retrainer, scores: dict[str, np.ndarray], config: Valida
 
         entry = {**summary(np.arange(n_q)), "groups": {g: summary(rows) for g, rows in by.items()}}
         if per_query is not None:
-            entry["per_query_lds"] = [round(float(x), 4) if np.isfinite(x) else None for x in per_query]
+            entry["per_query_lds"] = _listed(per_query)
+        entry["per_query_leave_out"] = {str(k): _listed(drops[m][k]) for k in config.leave_out}
         report["preconditioners"][m] = entry
     return report
 
@@ -175,6 +176,10 @@ def _mean(values: np.ndarray) -> float | None:
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     return float(values.mean()) if len(values) else None
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    return [round(float(x), 4) if np.isfinite(x) else None for x in values]
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:

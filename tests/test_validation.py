@@ -180,6 +180,7 @@ def test_validate_reports_lds_and_leave_out_and_a_rerun_retrains_nothing(trained
         assert -1 <= entry["lds"] <= 1 and entry["lds_ci"][0] <= entry["lds_ci"][1] and len(entry["per_query_lds"]) == 2
         assert set(entry["groups"]) == {"facts", "text"} and entry["groups"]["text"]["leave_top2_out"] is None  # text: not asked
         assert np.isfinite(entry["leave_top2_out"]) and np.isfinite(entry["groups"]["facts"]["leave_top4_out"])
+        assert entry["per_query_leave_out"]["2"][0] == pytest.approx(entry["leave_top2_out"], abs=1e-4) and entry["per_query_leave_out"]["4"][1] is None
     assert report["retrained_now"] >= 1 + 3
     again = _validate(trained, *args)
     assert again.exit_code == 0 and "(0 retrained now)" in again.output and "ekfac" in again.output
