@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from cli.args import ModelArg, TextFieldOpt, command
+from cli.args import DeviceOpt, ModelArg, TextFieldOpt, command
 from gradindex import pipeline
 from gradindex.data import load_queries
 from gradindex.errors import GradIndexError
@@ -38,6 +38,7 @@ def validate(
     index: Optional[Path] = typer.Option(None, "--index", help="An index of --data (one row per sequence): its answers are left out too."),
     seed: int = typer.Option(_V.seed, "--seed", help="Draws the subsets and the random baseline."),
     text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
 ):
     """LDS and leave-top-k-out of each preconditioner's scores, by retraining the model on subsets of its data."""
@@ -49,7 +50,8 @@ def validate(
     asked = load_queries(queries)
     groups = [json.loads(line).get("group", "all") for line in queries.read_text().splitlines() if line.strip()]
     report = pipeline.validate(model, init, recipe, data, asked, out, methods=methods, config=config, factors=factors,
-                               optimizer_state=optimizer_state, index=index, groups=groups, text_field=text_field)
+                               optimizer_state=optimizer_state, index=index, groups=groups, text_field=text_field,
+                               device=device)
     if as_json:
         typer.echo(json.dumps(report))
         return

@@ -319,7 +319,7 @@ def train_model(cfg: ExampleConfig, tokenizer: PreTrainedTokenizerFast, texts: l
                 ) -> tuple[GPT2LMHeadModel, dict[str, Any], torch.optim.Optimizer]:
     """``cfg.recipe()`` applied to ``model`` by the library's trainer: what ``gradindex validate`` repeats on subsets."""
     started = time.monotonic()
-    recipe = replace(cfg.recipe(), threads=_num_threads())
+    recipe = replace(cfg.recipe(), threads=torch.get_num_threads())  # the caller's thread count, recorded
     losses, optimizer = train(model, tokenize_texts(tokenizer, texts, cfg.max_length), recipe, desc=f"[{cfg.name}] training")
     tail = losses[-max(1, len(losses) // 20) :]
     _log(f"[{cfg.name}] {len(losses)} steps, final loss {sum(tail) / len(tail):.3f}")

@@ -184,7 +184,7 @@ def report(index: GradIndex | str | Path, prompt: str, completion: str, out: str
 def validate(model, init, recipe: TrainRecipe | str | Path, data, queries, out: str | Path, *, methods: Sequence[str] | str | None = None,
              config: ValidationConfig | None = None, factors: Factors | str | Path | None = None, optimizer_state: str | Path | None = None,
              index: GradIndex | str | Path | None = None, groups: Sequence[str] | None = None, text_field: str = "text",
-             max_length: int | None = None, progress: bool = True) -> dict:
+             max_length: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """LDS and leave-top-k-out of each method's scores (and of ``index``'s answers) by retraining ``init`` with
     ``recipe`` on subsets of ``data`` (:mod:`gradindex.validation`); written to ``out``/validation.json, runs cached under ``out``.
     ``methods`` default: every preconditioner, adam when ``optimizer_state`` is given."""
@@ -193,7 +193,7 @@ def validate(model, init, recipe: TrainRecipe | str | Path, data, queries, out: 
     recipe = recipe if isinstance(recipe, TrainRecipe) else TrainRecipe.load(recipe)
     methods = parse_methods(methods or [m for m in PRECONDITIONERS if m != "adam" or optimizer_state is not None])
     check_inputs(methods, optimizer_state)
-    lm, start = load_model(model), load_model(init)
+    lm, start = load_model(model, device=device), load_model(init, device=device)
     if start.tokenizer_hash != lm.tokenizer_hash:
         raise GradIndexError("the initial model's tokenizer differs from the trained model's")
     texts = list(load_texts(data, text_field=text_field)[text_field])
