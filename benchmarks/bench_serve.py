@@ -97,12 +97,7 @@ def screenshot(server: Server, q, path: Path) -> None:
     browser = Browser(Path("/tmp/gradindex-bench-profile"), height=1100)
     try:
         browser.open(server.url + "/")
-        browser.type_into("#prompt", q.prompt)
-        browser.type_into("#completion", q.completion)
-        browser.evaluate("document.getElementById('k').select()")
-        browser.send("Input.insertText", text="4")
-        browser.evaluate("document.getElementById('submit').click()")
-        browser.wait_for("document.querySelectorAll('li.hit').length")
+        browser.search(q.prompt, q.completion, k=4)
         path.parent.mkdir(parents=True, exist_ok=True)
         browser.screenshot(path)
     finally:

@@ -77,6 +77,15 @@ class Browser:
         self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
         self.send("Input.insertText", text=text)
 
+    def search(self, prompt: str, completion: str, k: int) -> int:
+        """On gradindex's search page: type a query, set k, submit, and wait for the result cards (their count)."""
+        self.type_into("#prompt", prompt)
+        self.type_into("#completion", completion)
+        self.evaluate("document.getElementById('k').select()")
+        self.send("Input.insertText", text=str(k))
+        self.evaluate("document.getElementById('submit').click()")
+        return self.wait_for("document.querySelectorAll('li.hit').length")
+
     def screenshot(self, path: Path) -> Path:
         path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
         return path

@@ -274,12 +274,7 @@ def test_a_browser_searches_from_the_page(server, index, tmp_path):
     browser = Browser(tmp_path / "profile")
     try:
         browser.open(server.url + "/")
-        browser.type_into("#prompt", q.prompt)
-        browser.type_into("#completion", q.completion)
-        browser.evaluate("document.getElementById('k').select()")
-        browser.send("Input.insertText", text="4")
-        browser.evaluate("document.getElementById('submit').click()")
-        assert browser.wait_for("document.querySelectorAll('li.hit').length") == 4
+        assert browser.search(q.prompt, q.completion, k=4) == 4
         assert browser.evaluate("[...document.querySelectorAll('li.hit')].map(e => +e.dataset.row)") == [h.row for h in local.hits]
         assert browser.evaluate("[...document.querySelectorAll('li.hit .score')].map(e => e.textContent)") == [f"{h.score:+.4g}" for h in local.hits]
         coloured = browser.evaluate("[...document.querySelectorAll('li.hit span.tok')].filter(e => /rgba\\(.*, 0\\.[1-9]/.test(e.style.background)).length")
