@@ -202,6 +202,8 @@ def validate(model, init, recipe: TrainRecipe | str | Path, data, queries, out: 
     query_set = tokenize_queries(lm.tokenizer, asked, lm.max_length(None))
     if "ekfac" in methods and not isinstance(factors, Factors):
         factors = Factors.load(factors) if factors is not None else _fit(lm, texts, max_length=max_length, progress=progress)
+    if isinstance(factors, Factors):
+        factors.check_model(lm.model_hash, lm.tokenizer_hash)
     layers = factors.specs if isinstance(factors, Factors) else select_layers(lm.model, DEFAULT_MODULES)
     scores = {m: training_scores(m, lm.model, layers, train_set, query_set, factors=factors, optimizer_state=optimizer_state, train_texts=texts,
                                  query_texts=[q.prompt + q.completion for q in asked], progress=progress) for m in methods}
@@ -209,8 +211,9 @@ def validate(model, init, recipe: TrainRecipe | str | Path, data, queries, out: 
     rankings = {}
     if index is not None:
         opened = open_index(index, model=lm)
-        if opened.reader.n_rows != len(texts):
-            raise GradIndexError(f"the index holds {opened.reader.n_rows} rows, the data {len(texts)}: leave-top-k-out needs an index of these rows, one per sequence")
+        if opened.reader.n_rows != len(texts) or list(opened.reader.texts()) != texts:
+            raise GradIndexError(f"the index's {opened.reader.n_rows} rows are not the {len(texts)} sequences of the data: leave-top-k-out needs an index "
+                                 "of these sequences, one row each (built with --truncate)")
         found = opened.query_many(asked, max(config.leave_out), k2=max(DEFAULT_K2, max(config.leave_out)))
         rankings["index"] = np.array([[h.offset for h in r.hits] for r in found])
     retrainer = Retrainer(start.model, train_set, query_set, recipe, out, keep_models=config.keep_models, progress=progress)

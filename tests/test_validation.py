@@ -163,9 +163,9 @@ def trained(tmp_path_factory):
     return root
 
 
-def _validate(root, *extra):
+def _validate(root, *extra, out="out"):
     return CliRunner().invoke(app, ["validate", str(root / "trained"), "--init", str(root / "init"), "--recipe", str(root / "recipe.json"),
-                                    "--data", str(root / "train.jsonl"), "--queries", str(root / "queries.jsonl"), "--out", str(root / "out"), *extra])
+                                    "--data", str(root / "train.jsonl"), "--queries", str(root / "queries.jsonl"), "--out", str(root / out), *extra])
 
 
 def test_validate_reports_lds_and_leave_out_and_a_rerun_retrains_nothing(trained):
@@ -211,3 +211,19 @@ def test_log_probs_are_each_completions_log_likelihood_alone(tokenizer):
         logp = model(input_ids=ids).logits[0].log_softmax(-1)
         expected = sum(logp[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1]))
         assert log_probs(model, queries, token_budget=40)[i] == pytest.approx(expected, rel=1e-12)
+
+
+def test_validate_leaves_out_the_index_answers_and_refuses_an_index_of_other_rows(trained):
+    build = ["build", str(trained / "trained"), "--data", str(trained / "train.jsonl"), "--truncate", "--budget", "8K", "--stage1-dim", "64"]
+    assert CliRunner().invoke(app, [*build, "--out", str(trained / "idx")]).exit_code == 0
+    result = _validate(trained, "--methods", "ekfac", "--subsets", "3", "--leave-out", "3", "--index", str(trained / "idx"), out="with_index")
+    assert result.exit_code == 0, result.output
+    entries = json.loads((trained / "with_index" / "validation.json").read_text())["preconditioners"]
+    assert "lds" not in entries["index"] and len(entries["index"]["per_query_leave_out"]["3"]) == 2
+    # the cascade finds exact EK-FAC's top 3 on this tiny index, so it removes the same rows: the same cached retraining
+    assert entries["index"]["per_query_leave_out"] == entries["ekfac"]["per_query_leave_out"]
+    (trained / "other.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in random_texts(16, seed=9)))
+    other = ["build", str(trained / "trained"), "--data", str(trained / "other.jsonl"), "--truncate", "--budget", "8K", "--stage1-dim", "64"]
+    assert CliRunner().invoke(app, [*other, "--out", str(trained / "other_idx")]).exit_code == 0
+    refused = _validate(trained, "--methods", "tfidf", "--subsets", "3", "--index", str(trained / "other_idx"), out="with_index")
+    assert refused.exit_code == 2 and "are not the 16 sequences of the data" in refused.output
