@@ -227,3 +227,37 @@ def test_validate_leaves_out_the_index_answers_and_refuses_an_index_of_other_row
     assert CliRunner().invoke(app, [*other, "--out", str(trained / "other_idx")]).exit_code == 0
     refused = _validate(trained, "--methods", "tfidf", "--subsets", "3", "--index", str(trained / "other_idx"), out="with_index")
     assert refused.exit_code == 2 and "are not the 16 sequences of the data" in refused.output
+
+
+def test_a_killed_validation_continues_where_it_stopped(trained, tmp_path):
+    """SIGKILL in the middle of the retrainings; the rerun trains only what was missing and reports what an
+    uninterrupted run reports."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    recipe = TrainRecipe(**{**RECIPE.__dict__, "steps": 20})
+    recipe.save(tmp_path)
+    args = ["validate", str(trained / "trained"), "--init", str(trained / "init"), "--recipe", str(tmp_path / "recipe.json"),
+            "--data", str(trained / "train.jsonl"), "--queries", str(trained / "queries.jsonl"), "--methods", "identity,tfidf",
+            "--subsets", "6", "--leave-out", "2"]
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", *args, "--out", str(tmp_path / "killed")], cwd=root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list((tmp_path / "killed").glob("runs/*/log_probs.json"))) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    assert process.poll() is None, "finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = len(list((tmp_path / "killed").glob("runs/*/log_probs.json")))
+    assert not (tmp_path / "killed" / "validation.json").exists() and done >= 2
+    resumed = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "killed")])
+    whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "whole")])
+    assert resumed.exit_code == 0 and whole.exit_code == 0, resumed.output + whole.output
+    resumed, whole = (json.loads((tmp_path / name / "validation.json").read_text()) for name in ("killed", "whole"))
+    assert resumed["retrained_now"] <= whole["retrained_now"] - done + 1  # at most the run the kill interrupted is redone
+    assert resumed["preconditioners"] == whole["preconditioners"]
