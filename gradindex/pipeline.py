@@ -209,7 +209,7 @@ def validate(model, init, recipe: TrainRecipe | str | Path, data, queries, out: 
                                  query_texts=[q.prompt + q.completion for q in asked], progress=progress) for m in methods}
     scores["random"] = np.random.default_rng(config.seed).standard_normal(scores[methods[0]].shape).astype(np.float32)
     rankings = {}
-    if index is not None:
+    if index is not None and config.leave_out:  # an index's answers serve leave-top-k-out only
         opened = open_index(index, model=lm)
         if opened.reader.n_rows != len(texts) or list(opened.reader.texts()) != texts:
             raise GradIndexError(f"the index's {opened.reader.n_rows} rows are not the {len(texts)} sequences of the data: leave-top-k-out needs an index "

@@ -136,9 +136,10 @@ def validate(retrainer: Retrainer, scores: dict[str, np.ndarray], config: Valida
     """LDS of every method in ``scores`` ((Q, N) each) and leave-top-k-out drops of those and of ``rankings``
     ((Q, ≥ max k) rows, best first: e.g. an index's answers, which hold no score for the other rows)."""
     n, n_q = len(retrainer.train), len(retrainer.queries)
-    rankings = {**{m: top_rows(s, max(config.leave_out)) for m, s in scores.items()}, **(rankings or {})}
-    if any(r.shape[1] < max(config.leave_out) for r in rankings.values()):
-        raise GradIndexError(f"a ranking holds fewer than {max(config.leave_out)} rows per query")
+    deepest = max(config.leave_out, default=0)
+    rankings = {**{m: top_rows(s, deepest) for m, s in scores.items()}, **(rankings or {})}
+    if any(r.shape[1] < deepest for r in rankings.values()):
+        raise GradIndexError(f"a ranking holds fewer than {deepest} rows per query")
     subsets = subset_rows(n, config)
     measured = np.stack([retrainer.log_probs(rows, f"subset {i + 1}/{len(subsets)}") for i, rows in enumerate(subsets)])
     full = retrainer.log_probs(np.arange(n), "all rows")

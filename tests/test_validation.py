@@ -261,3 +261,10 @@ def test_a_killed_validation_continues_where_it_stopped(trained, tmp_path):
     resumed, whole = (json.loads((tmp_path / name / "validation.json").read_text()) for name in ("killed", "whole"))
     assert resumed["retrained_now"] <= whole["retrained_now"] - done + 1  # at most the run the kill interrupted is redone
     assert resumed["preconditioners"] == whole["preconditioners"]
+
+
+def test_validate_without_leave_out_reports_the_lds_only(trained):
+    result = _validate(trained, "--methods", "tfidf", "--subsets", "3", "--leave-out", "", out="lds_only")
+    assert result.exit_code == 0, result.output
+    entry = json.loads((trained / "lds_only" / "validation.json").read_text())["preconditioners"]["tfidf"]
+    assert "lds" in entry and entry["per_query_leave_out"] == {} and not any(k.startswith("leave_top") for k in entry)
