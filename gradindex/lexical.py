@@ -37,9 +37,13 @@ class Lexical:
         matrix.eliminate_zeros()
         return cls(vectorizer, matrix)
 
+    def similarities(self, texts: list[str]) -> np.ndarray:
+        """TF-IDF cosine of each of ``texts`` to every row, (len(texts), rows)."""
+        return (self.vectorizer.transform(texts) @ self.matrix.T).toarray()
+
     def ranking(self, text: str) -> np.ndarray:
         """Every row, most similar to ``text`` first (ties by row)."""
-        scores = (self.matrix @ self.vectorizer.transform([text]).T).toarray().ravel()
+        scores = self.similarities([text])[0]
         return np.lexsort((np.arange(len(scores)), -scores))
 
     def save(self, directory: Path) -> None:

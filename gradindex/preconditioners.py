@@ -55,8 +55,7 @@ def training_scores(method: str, model: nn.Module, layers: list[LayerSpec], trai
     if method == "tfidf":
         if len(train_texts) != len(train) or len(query_texts) != len(queries):
             raise GradIndexError("tfidf needs the training texts and the query texts")
-        lexical = Lexical.fit(train_texts)
-        return (lexical.vectorizer.transform(list(query_texts)) @ lexical.matrix.T).toarray().astype(np.float32)
+        return Lexical.fit(train_texts).similarities(list(query_texts)).astype(np.float32)
     if method == "ekfac":
         if factors is None:
             raise GradIndexError("ekfac needs fitted factors")

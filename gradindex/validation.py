@@ -64,26 +64,26 @@ class Retrainer:
         self.initial = {k: v.detach().clone() for k, v in init.state_dict().items()}
         self.folder, self.keep_models, self.progress = Path(folder), keep_models, progress
         self.query_keys = [_query_key(queries, i) for i in range(len(queries))]
+        # what every run's key starts from, hashed once (the data's fingerprint reads every token)
+        self._base = hashlib.blake2b(self.train.fingerprint().encode() + json.dumps(asdict(recipe), sort_keys=True).encode(), digest_size=10)
         self.trained = 0  # retrainings this process ran (the rest came from the cache)
 
     def key(self, rows: np.ndarray) -> str:
-        h = hashlib.blake2b(digest_size=10)
-        h.update(self.train.fingerprint().encode())
-        h.update(json.dumps(asdict(self.recipe), sort_keys=True).encode())
+        h = self._base.copy()
         h.update(np.unique(rows).astype(np.int64).tobytes())
         return h.hexdigest()
 
     def log_probs(self, rows: np.ndarray, desc: str = "retraining") -> np.ndarray:
+        rows = np.unique(rows)
         run = self.folder / RUNS / self.key(rows)
         known = _read_json(run / LOG_PROBS_FILE)
         if all(k in known for k in self.query_keys):
             return np.array([known[k] for k in self.query_keys])
+        self.model.load_state_dict(self.initial)
         if (run / WEIGHTS_FILE).is_file():  # new queries on a kept model: measure, do not retrain
-            self.model.load_state_dict(self.initial)
             self.model.load_state_dict(load_file(run / WEIGHTS_FILE), strict=False)  # a tied tensor is stored once
         else:
-            self.model.load_state_dict(self.initial)
-            train(self.model, self.train.subset(np.unique(rows).tolist()), self.recipe, desc=desc, progress=self.progress)
+            train(self.model, self.train.subset(rows.tolist()), self.recipe, desc=desc, progress=self.progress)
             self.trained += 1
             if self.keep_models:
                 run.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ class Retrainer:
         known.update(zip(self.query_keys, measured.tolist()))
         run.mkdir(parents=True, exist_ok=True)
         with atomic_write(run / LOG_PROBS_FILE) as tmp:
-            tmp.write_text(json.dumps({**known, "_rows": int(len(np.unique(rows)))}))
+            tmp.write_text(json.dumps({**known, "_rows": len(rows)}))
         return measured
 
 
