@@ -1,6 +1,6 @@
 """`gradindex eval` on the embedded example's index, for planted-fact and ordinary-text queries apart.
 
-    python -m benchmarks.bench_example_eval [--threads 2] [--budget 64K] [--out benchmarks/results/example_eval.json]
+    python -m benchmarks.bench_example_eval [--threads 2] [--budget 64K] [--factor-share 0.75] [--out benchmarks/results/example_eval.json]
 
 Builds (or reuses) the demo's index under indexes/example with the default settings, then compares
 every stage with brute-force exact scores of all 4,010 training sequences.
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--index", default=str(ROOT / "indexes" / "example"))
     parser.add_argument("--budget", default=None, help="bytes per sequence, e.g. 16K (default: the library's)")
+    parser.add_argument("--factor-share", type=float, default=None, help="share of the budget for low-rank factors (default: the library's)")
     parser.add_argument("--out", default="benchmarks/results/example_eval.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -32,11 +33,12 @@ def main() -> None:
     factors_dir = art.model_dir / "factors"
     if not (factors_dir / "factors.json").exists():
         fit(lm, art.train_path, max_length=art.max_length, out=factors_dir)
-    compression = CompressionConfig(budget=parse_size(args.budget)) if args.budget else CompressionConfig()
+    settings = {"budget": parse_size(args.budget)} if args.budget else {}
+    compression = CompressionConfig(**settings, **({"factor_share": args.factor_share} if args.factor_share is not None else {}))
     build(lm, art.train_path, args.index, factors=factors_dir, max_length=art.max_length, compression=compression,
           chunk=False)  # as the example model was trained: each paragraph's first max_length tokens
     index = GradIndex.open(args.index, model=lm)
-    report = {"budget": compression.budget, "code_dim": index.manifest.code_dim, "captured_variance": index.compressor.plan.captured,
+    report = {"budget": compression.budget, "factor_share": compression.factor_share, "code_dim": index.manifest.code_dim, "captured_variance": index.compressor.plan.captured,
               "bytes_per_sequence": index.manifest.bytes_per_sequence}
     for kind, queries in fact_and_text_queries(art).items():
         r = evaluate(index, queries, k=10).to_dict()

@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--budget", default="64K")
     parser.add_argument("--tiny100k", action="store_true", help="the bench_corpus model and 100k corpus instead")
+    parser.add_argument("--factor-share", type=float, default=0.0, help="build's --factor-share (low-rank factors for stage 2)")
     parser.add_argument("--k2", type=int, default=20)
+    parser.add_argument("--k1", type=int, default=None, help="stage-1 candidates (default: the index's)")
+    parser.add_argument("--truncate", action="store_true", help="one row per paragraph, cut at --max-length (build's --truncate), not windows")
     parser.add_argument("--n-text-queries", type=int, default=20)
     parser.add_argument("--n-fact-queries", type=int, default=len(FACT_QUERIES))
     parser.add_argument("--token-budget", type=int, default=1024)
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind, qs in queries.items():
         (a.cache / f"{kind}_queries.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in qs))
     device = ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else [])
-    factors, index = a.cache / f"factors{a.n_fit}", a.cache / f"index{a.n_train}_{a.budget}"
+    factors, index = a.cache / f"factors{a.n_fit}", a.cache / (f"index{a.n_train}_{a.budget}" + (f"_f{a.factor_share:g}" if a.factor_share else "") + ("_truncated" if a.truncate else ""))
     result: dict = {"model": str(model_dir), "n_train": a.n_train, "n_fit": a.n_fit, "max_length": a.max_length, "budget": a.budget,
                     "device": a.device, "dtype": a.dtype or "as saved", "threads": os.cpu_count()}
     if not (factors / "factors.json").is_file():
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                              "--token-budget", str(a.token_budget), *device])
     if not (index / "manifest.json").is_file():
         result["build"] = run(["build", str(model_dir), "--data", str(train), "--out", str(index), "--factors", str(factors),
-                               "--budget", a.budget, "--token-budget", str(a.token_budget), *device])
+                               "--budget", a.budget, "--factor-share", str(a.factor_share), "--token-budget", str(a.token_budget), *device]
+                              + (["--truncate"] if a.truncate else []))
     result["cold_query"] = run(["query", str(index), "--prompt", FACT_QUERIES[0][0], "--completion", FACT_QUERIES[0][1], "--k2", str(a.k2), *device])
 
     from gradindex import GradIndex, Query, evaluate
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     result["bytes_per_sequence"] = m.bytes_per_sequence
     result["code"] = {"code_dim": m.code_dim, "stage1_dim": m.vector_dim, "index_key": m.index.key,
                       "captured_variance": opened.compressor.plan.captured, "layers_used": sum(1 for v in opened.compressor.plan.shares.values() if v),
-                      "layers": len(opened.compressor.plan.shares)}
+                      "layers": len(opened.compressor.plan.shares),
+                      "factors": {name: [lp.factor_rank, len(lp.factor_rows), len(lp.factor_cols)] for name, lp in opened.compressor.factored.items()}}
     result["build_sequences_per_second"] = m.n_rows / sum(records)
     if a.device == "cpu":
         result["plain_forward_backward_per_second"] = plain_forward_backward(model_dir, train, a.max_length, 256, a.token_budget)
@@ -199,10 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     codes = reader.codes(np.arange(m.n_rows)).astype(np.float32)
     for kind, qs in queries.items():
         qlist = [Query(p, c) for p, c in qs]
-        started = time.perf_counter()
-        exact = opened.all_scores(qlist, progress=True)
-        brute = time.perf_counter() - started
-        report = evaluate(opened, qlist, 10, exact=exact, k2=a.k2, progress=True)
+        exact, brute = brute_force(opened, qlist, a.cache / f"exact{a.n_train}_{a.n_fit}_{kind}.npz")
+        report = evaluate(opened, qlist, 10, exact=exact, k2=a.k2, progress=True, **({"k1": a.k1} if a.k1 else {}))
         report.brute_force_seconds, report.speedup_p50 = brute / len(qlist), brute / len(qlist) / report.latency_p50
         side = report.to_dict()
         side["prefix_recall"] = prefix_recall(opened, qlist, codes, exact)
@@ -212,16 +215,32 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("fact", "text")}, indent=1, default=float))
 
 
+def brute_force(index, queries, cache: Path) -> tuple[np.ndarray, float]:
+    """Exact EK-FAC scores of every row and the seconds they took; kept in ``cache`` for the same rows, factors
+    and queries, so settings measured one after another share one truth."""
+    key = json.dumps([index.manifest.tokens_fingerprint, index.manifest.build.factors_hash, [(q.prompt, q.completion) for q in queries]])
+    if cache.is_file():
+        kept = np.load(cache)
+        if str(kept["key"]) == key:
+            return kept["exact"], float(kept["seconds"])
+    started = time.perf_counter()
+    exact = index.all_scores(queries, progress=True)
+    seconds = time.perf_counter() - started
+    np.savez(cache, exact=exact, seconds=seconds, key=key)
+    return exact, seconds
+
+
 def prefix_recall(index, queries, codes: np.ndarray, exact: np.ndarray, depths=(10, 20, 50, 100)) -> dict:
-    """Stage 2 alone at shorter code prefixes (what a smaller budget keeps): the mean and worst share of the
-    exact top-10 inside stage 2's top-d, proponents and opponents."""
+    """Stage 2 alone over every row, and at shorter code prefixes (what a smaller budget keeps; codes without
+    factors only): the mean and worst share of the exact top-10 inside stage 2's top-d, proponents and opponents."""
     from gradindex.data import tokenize_queries
 
     embedded = index.compressor.embed(index.lm.model, tokenize_queries(index.lm.tokenizer, queries, index.max_query_length))
     out = {}
     dim = codes.shape[1]
-    for width in sorted({w for w in (dim // 8, dim // 4, dim // 2, dim) if w > 0}):
-        scores = embedded.codes[:, :width] @ codes[:, :width].T
+    widths = [dim] if index.compressor.factored else sorted({w for w in (dim // 8, dim // 4, dim // 2, dim) if w > 0})
+    for width in widths:
+        scores = index.compressor.scores(codes, embedded) if width == dim else embedded.codes[:, :width] @ codes[:, :width].T
         for sign, side in ((1, "proponents"), (-1, "opponents")):
             for d in depths:
                 recalls = []

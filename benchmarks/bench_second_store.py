@@ -13,7 +13,7 @@ of largest Σ Λ/(Λ + λ) is kept, and per sequence
   every code inside the block; k² entries per layer);
 * ``lowrank@k,r``: the rank-r truncated SVD of that block (r · 2k numbers per layer), scored as
   Σ_r s_r u_rᵀ W_q v_r against the query's full block; ``+int8`` quantises each factor vector with its own
-  absmax scale (what the store would hold).
+  absmax scale (what the store would hold), ``+int4`` to 4 bits.
 
 Against them, ``entries``: the shipped code (``codeplan``: the budget's eigen-entries of largest
 Λ/(Λ + λ) over all layers, both sides truncated). The truth is exact EK-FAC over the same rows. Reported
@@ -41,10 +41,15 @@ from gradindex.factors import rotated_sequence_gradients
 from gradindex.options import parse_size
 
 
-def int8(x: torch.Tensor) -> torch.Tensor:
-    """Round each vector (last axis) to int8 with its own absmax scale, and back."""
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
-    return (x / scale).round().clamp(-127, 127) * scale
+QUANT = {"": None, "+int8": 127, "+int4": 7}
+
+
+def quantise(x: torch.Tensor, levels: int | None) -> torch.Tensor:
+    """Round each vector (last axis) to ±``levels`` steps of its own absmax scale, and back."""
+    if levels is None:
+        return x
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / levels
+    return (x / scale).round().clamp(-levels, levels) * scale
 
 
 class Blocks:
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         q_code[rows] = out["entries@1"]
     print(f"queries embedded in {time.perf_counter() - started:.0f} s", flush=True)
 
-    keys = ["exact", "entries"] + [f"block@{k}" for k in a.blocks] + [f"lowrank@{k},{r}{q}" for k in a.blocks for r in a.ranks for q in ("", "+int8")]
+    keys = ["exact", "entries"] + [f"block@{k}" for k in a.blocks] + [f"lowrank@{k},{r}{q}" for k in a.blocks for r in a.ranks for q in QUANT]
     scores = {key: np.zeros((n_q, len(data))) for key in keys}
     batches = list(plan_batches(data, a.token_budget))
     for b, rows in enumerate(batches):
@@ -131,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                 u, s, v = torch.svd_lowrank(wb, q=min(rmax + 8, *wb.shape[1:]), niter=3)  # randomized: a builder's cost
                 u, vh = u[:, :, :rmax] * s[:, None, :rmax], v[:, :, :rmax].transpose(1, 2)  # singular values folded into u
                 qu = torch.einsum("qij,bjr->qbir", qb, vh.transpose(1, 2))  # W_q v_r: (q, b, k, r)
-                for quant in ("", "+int8"):
-                    uu, vv = (u, vh) if not quant else (int8(u.transpose(1, 2)).transpose(1, 2), int8(vh))
+                for quant, levels in QUANT.items():
+                    uu, vv = quantise(u.transpose(1, 2), levels).transpose(1, 2), quantise(vh, levels)
                     qv = qu if not quant else torch.einsum("qij,bjr->qbir", qb, vv.transpose(1, 2))
                     per_rank = torch.einsum("qbir,bir->qbr", qv, uu).cumsum(-1)
                     for rank in a.ranks:
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         rank = int(key.split(",")[1].split("+")[0])
         if key.endswith("+int8"):
             return sum(rank * (m + n + 8) for m, n in per_layer)  # int8 entries + two float32 scales per rank
+        if key.endswith("+int4"):
+            return sum(rank * ((m + n) // 2 + 8) for m, n in per_layer)
         return sum(rank * (m + n) for m, n in per_layer) * 2
 
     truth = scores["exact"]
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                          for ks, e in entry.items() if ks != "bytes")
         print(f"{key:>18} {entry['bytes'] / 1024:9.1f} KiB  top-10 in top-20/top-50(worst)  {line}", flush=True)
     result["seconds"] = time.perf_counter() - started
+    np.savez_compressed(a.out.with_suffix(".npz"), **{key: value.astype(np.float32) for key, value in scores.items()})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
 

@@ -101,6 +101,8 @@ def build(
     budget: str = typer.Option(f"{_C.budget // 1024}K", "--budget", help="Bytes stored per sequence, e.g. 16K or 64K, whatever the model's size (codes + their stage-1 FAISS codes)."),
     stage1_dim: Optional[int] = typer.Option(None, "--stage1-dim", help="Leading code entries the stage-1 FAISS index searches (default: the whole code; fewer: a smaller, faster, coarser scan)."),
     block_cost: float = typer.Option(_C.block_cost, "--block-cost", help="Projection work per layer while coding, × the layer's own forward (more: a code drawn from more eigen-entries)."),
+    factor_share: float = typer.Option(_C.factor_share, "--factor-share", help="Share of the budget for each layer's low-rank factors, which stage 2 scores against the query's full block (0: entries only; real models rank better with 0.75, see README)."),
+    factor_block: int = typer.Option(_C.factor_block, "--factor-block", help="Largest side of a layer's factor block (the budget may afford less)."),
     seed: int = typer.Option(_C.seed, "--seed", help="Seed of the rows the FAISS index is trained on."),
     shard_size: int = typer.Option(_B.shard_size, "--shard-size", help="Rows per shard: the unit of resumption."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Build only part i of n (i/n); join the parts with `gradindex merge`."),
@@ -108,7 +110,8 @@ def build(
     token_budget: int = TokenBudgetOpt, dtype: Optional[str] = DtypeOpt, tokenizer: Optional[str] = TokenizerOpt, device: str = DeviceOpt,
 ):
     """Build an influence index of the training data (fits EK-FAC factors first unless --factors)."""
-    compression = CompressionConfig(budget=parse_size(budget, "--budget"), stage1_dim=stage1_dim, block_cost=block_cost, seed=seed)
+    compression = CompressionConfig(budget=parse_size(budget, "--budget"), stage1_dim=stage1_dim, block_cost=block_cost, seed=seed,
+                                    factor_share=factor_share, factor_block=factor_block)
     options = BuildOptions(text_field=text_field, split=split, max_length=max_length, modules=modules, compression=compression, shard_size=shard_size,
                            token_budget=token_budget, max_memory=max_memory or _B.max_memory, index_key=index_key, chunk=chunk, stride=stride, chat=chat)
     part = parse_part(shard)

@@ -9,6 +9,12 @@ largest first (a prefix is the best shorter code).
 For random pairs that is the least-error linear code of its size (the coordinates are uncorrelated with
 variances u, so this is PCA); a CountSketch of more entries into the same slots always predicts more error
 (Σ_sketched u)²/slots than the truncation it replaces, so there is none. Each layer's share follows from Λ.
+With ``factor_share`` > 0, that share of the code's numbers holds instead each layer's **low-rank factors**:
+the rank-r SVD of the sequence's whitened gradient inside the layer's factor block (the ``k`` eigen-rows of S
+and columns of A of most Λ/(Λ + λ), one ``k`` for all layers, as large as the share affords up to
+``factor_block``). Stage 2 scores them against the query's full block (the query is never compressed), and
+the entries inside a factor block are left to the factors there, so nothing is counted twice. Stage 1
+searches the entries only.
 Measured on SmolLM2-135M at 64 KiB (``benchmarks/bench_code_schemes.py``, README): CountSketches of the full
 whitened gradient, LoGra-style Kronecker projections, half-and-half hybrids, heavier code damping and entries
 chosen by the training data's own energy all rank worse than this truncation.
@@ -29,6 +35,16 @@ from .files import from_dict
 
 DEFAULT_BUDGET = 64 * 1024
 STORAGE_DTYPES = ("float16", "float32")
+# Factor values are stored as 5-bit levels (±15 steps of a per-vector scale; 4 bits measured as good as float16
+# on SmolLM2), packed 3 to a float16 slot and 6 to a float32 one. The packed fields leave the sign bit and the
+# top exponent bit clear, so every packed slot is a finite number whose bits survive any copy of the codes.
+FACTOR_LEVELS, FACTOR_BITS = 15, 5
+FACTOR_FIELDS = {"float16": 3, "float32": 6}
+
+
+def factor_slots(rank: int, f_out: int, f_in: int, dtype: str) -> int:
+    """Slots a layer's factors take: two scales per rank, then the packed levels of U·√S and V·√S."""
+    return 2 * rank + -(-rank * (f_out + f_in) // FACTOR_FIELDS[dtype]) if rank else 0
 
 
 def stage1_bytes(dim: int) -> int:
@@ -47,6 +63,8 @@ class CompressionConfig:
     block_cost: float = 2.0  # a layer's projected block costs at most this × its forward flops
     dtype: str = "float16"  # storage dtype of the codes
     seed: int = 0  # of the rows the FAISS index is trained on
+    factor_share: float = 0.0  # share of the code's numbers given to per-layer low-rank factors (stage 2); 0: entries only
+    factor_block: int = 128  # the largest side of a layer's factor block
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -61,18 +79,38 @@ class CompressionConfig:
             raise GradIndexError(f"block_cost must be a positive number, not {self.block_cost!r}")
         if self.damping_scale is not None and not (math.isfinite(self.damping_scale) and self.damping_scale > 0):
             raise GradIndexError(f"damping scale must be a positive number, not {self.damping_scale!r}")
-        if self.code_dim < 1:
+        if not (isinstance(self.factor_share, (int, float)) and 0 <= self.factor_share < 1):
+            raise GradIndexError(f"factor share must be a number in [0, 1), not {self.factor_share!r}")
+        if isinstance(self.factor_block, bool) or not isinstance(self.factor_block, int) or self.factor_block <= 0:
+            raise GradIndexError(f"factor_block must be a positive integer, not {self.factor_block!r}")
+        if self.factor_share and self.stage1_dim is None:
+            self.stage1_dim = max(1, self._entries(None))  # FAISS searches a vector: the entries, never the factors
+        if self.entry_dim < 1:
             raise GradIndexError(f"a budget of {self.budget} bytes does not hold a code and its stage-1 code; raise --budget"
                                  + (" or lower --stage1-dim" if self.stage1_dim else ""))
 
     @property
+    def factor_dim(self) -> int:
+        """Numbers per code the budget gives the low-rank factors (the plan may use fewer)."""
+        return int(self.factor_share * self.budget / np.dtype(self.dtype).itemsize)
+
+    @property
+    def entry_dim(self) -> int:
+        """Eigen-entries per code the budget pays for (before it is cut to what the model has)."""
+        return self._entries(self.stage1_dim)
+
+    @property
     def code_dim(self) -> int:
-        """Numbers per code the budget pays for (before it is cut to what the model has)."""
+        """Numbers per code: its entries, then its factors."""
+        return self.entry_dim + self.factor_dim
+
+    def _entries(self, stage1_dim: int | None) -> int:
         itemsize = np.dtype(self.dtype).itemsize
-        if self.stage1_dim is None:  # the stage-1 code spans the code: a bit per (padded) entry more
-            dim = int((self.budget - 8) // (itemsize + 1 / 8))
-            return min(dim, (self.budget - stage1_bytes(dim)) // itemsize)
-        return (self.budget - stage1_bytes(self.stage1_dim)) // itemsize
+        budget = self.budget - self.factor_dim * itemsize
+        if stage1_dim is None:  # the stage-1 code spans the entries: a bit per (padded) entry more
+            dim = int((budget - 8) // (itemsize + 1 / 8))
+            return max(0, min(dim, (budget - stage1_bytes(dim)) // itemsize))
+        return max(0, (budget - stage1_bytes(stage1_dim)) // itemsize)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,13 +132,26 @@ class LayerPlan:
     entries: torch.Tensor  # positions in the flattened (k_out, k_in) block that the code keeps …
     slots: torch.Tensor  # … their slots in the code …
     scale: torch.Tensor  # … and 1/sqrt(Λ + λ) of each
+    outside: torch.Tensor  # … and whether it lies outside the factor block (stage 2 scores those entries itself)
+    factor_rows: torch.Tensor  # (f_out,) which eigenvectors of S …
+    factor_cols: torch.Tensor  # (f_in,) … and of A the factor block spans (none: no factors)
+    factor_proj_s: torch.Tensor  # (d_out, f_out) those columns of Q_S …
+    factor_proj_a: torch.Tensor  # (d_in, f_in) … and of Q_A (no columns: no factors)
+    factor_scale: torch.Tensor  # (f_out, f_in) 1/sqrt(Λ + λ) over the factor block
+    factor_rank: int = 0
+    factor_slot: int = 0  # where the factors' scales, then their packed levels, start in the code
+    factor_dtype: str = "float16"  # the storage dtype they are packed into
 
     @property
     def used(self) -> bool:
-        return len(self.entries) > 0
+        return len(self.entries) > 0 or self.factor_rank > 0
+
+    @property
+    def factor_dim(self) -> int:
+        return factor_slots(self.factor_rank, self.factor_proj_s.shape[1], self.factor_proj_a.shape[1], self.factor_dtype)
 
     def to(self, device, dtype) -> "LayerPlan":
-        moved = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in asdict(self).items()}
+        moved = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v for k, v in asdict(self).items()}
         return LayerPlan(**moved)
 
 
@@ -111,6 +162,11 @@ class CodePlan:
     captured: float  # predicted fraction of the score variance of random pairs the code keeps: Σ_kept u² / Σ u²
     shares: dict[str, int]  # entries each layer contributes
 
+    @property
+    def factor_dims(self) -> dict[int, int]:
+        """Slots of each factored layer's factors, by where they start."""
+        return {lp.factor_slot: lp.factor_dim for lp in self.layers.values() if lp.factor_rank}
+
     @classmethod
     def of(cls, factors: Factors, config: CompressionConfig) -> "CodePlan":
         variances = {}
@@ -120,8 +176,9 @@ class CodePlan:
             variances[spec.name] = (lam, damping, lam / (lam + damping))
         total = sum(float(u.square().sum()) for _, _, u in variances.values())
         # The entries the code would keep if any block were affordable: the code_dim largest u of all layers.
-        tops = torch.cat([torch.topk(u.flatten(), min(config.code_dim, u.numel())).values for _, _, u in variances.values()])
-        cut = float(torch.topk(tops, min(config.code_dim, len(tops))).values[-1])
+        n_entries = config.entry_dim
+        tops = torch.cat([torch.topk(u.flatten(), min(n_entries, u.numel())).values for _, _, u in variances.values()])
+        cut = float(torch.topk(tops, min(n_entries, len(tops))).values[-1])
         blocks, values = {}, []
         for spec in factors.specs:
             lam, damping, u = variances[spec.name]
@@ -131,17 +188,47 @@ class CodePlan:
         owner = torch.cat([torch.full((len(v),), i) for i, v in enumerate(values)])
         position = torch.cat([torch.arange(len(v)) for v in values])
         u = torch.cat(values)
-        kept = torch.argsort(u, descending=True, stable=True)[: config.code_dim]  # slot s holds entry kept[s]
-        layers, shares = {}, {}
+        kept = torch.argsort(u, descending=True, stable=True)[:n_entries]  # slot s holds entry kept[s]
+        shapes = [(spec.d_out, spec.d_in) for spec in factors.specs]
+        side, rank = _factor_size(shapes, config.factor_dim, config.factor_block, config.dtype)
+        if config.factor_share and not rank:
+            raise GradIndexError(f"a factor share of {config.factor_share:g} of {config.budget} bytes does not hold rank-1 factors for "
+                                 f"{len(shapes)} layers; raise --budget or --factor-share, or set --factor-share 0")
+        layers, shares, slot = {}, {}, len(kept)
         for i, (name, (rows, cols, scale)) in enumerate(blocks.items()):
-            f = factors.layers[name]
+            f, (_, _, u_layer) = factors.layers[name], variances[name]
             slots = (owner[kept] == i).nonzero().squeeze(-1)
             entries = position[kept[slots]]
+            f_rows = torch.argsort(u_layer.sum(1), descending=True, stable=True)[: min(side, shapes[i][0]) if rank else 0].sort().values
+            f_cols = torch.argsort(u_layer.sum(0), descending=True, stable=True)[: min(side, shapes[i][1]) if rank else 0].sort().values
+            inside = torch.isin(rows[entries // len(cols)], f_rows) & torch.isin(cols[entries % len(cols)], f_cols)
+            lam, damping, _ = variances[name]
             layers[name] = LayerPlan(rows=rows, cols=cols, proj_s=f.q_s[:, rows].float(), proj_a=f.q_a[:, cols].float(), entries=entries, slots=slots,
-                                     scale=scale[entries].float())
+                                     scale=scale[entries].float(), outside=~inside, factor_rows=f_rows, factor_cols=f_cols, factor_proj_s=f.q_s[:, f_rows].float(),
+                                     factor_proj_a=f.q_a[:, f_cols].float(), factor_scale=(lam[f_rows][:, f_cols] + damping).rsqrt().float(),
+                                     factor_rank=min(rank, len(f_rows), len(f_cols)), factor_slot=slot, factor_dtype=config.dtype)
+            slot += layers[name].factor_dim
             shares[name] = len(entries)
         captured = float(u[kept].square().sum()) / total if total > 0 else 1.0
-        return cls(layers, len(kept), captured, shares)
+        return cls(layers, slot, captured, shares)
+
+
+def _factor_size(shapes: list[tuple[int, int]], slots: int, largest: int, dtype: str) -> tuple[int, int]:
+    """One block side k (≤ ``largest``) and rank r for every layer's factors, using at most ``slots`` slots:
+    the largest k that affords rank 1, then the largest rank that k affords (a small model's blocks are whole
+    layers, and the rest of the share goes to rank)."""
+    def cost(k: int, r: int) -> int:
+        return sum(factor_slots(min(r, k, d_out, d_in), min(k, d_out), min(k, d_in), dtype) for d_out, d_in in shapes)
+
+    k = largest
+    while k > 0 and cost(k, 1) > slots:
+        k -= 1
+    if k == 0:
+        return 0, 0
+    r = 1
+    while r < k and cost(k, r + 1) <= slots and cost(k, r + 1) > cost(k, r):
+        r += 1
+    return k, r
 
 
 def _block(u: torch.Tensor, wanted: torch.Tensor, cost: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -285,7 +285,8 @@ class Manifest:
             + (f"; {self.n_rows - self.build.data_rows} rows added" if self.additions else "")
             + (f"; {self.n_removed} removed (`gradindex compact` drops them)" if self.n_removed else ""),
             f"  codes: {self.code_dim} {c.dtype} values per sequence (budget {c.budget / 1024:g} KiB); "
-            f"stage 1: their first {self.vector_dim} in FAISS {self.index.key}",
+            f"stage 1: their first {self.vector_dim} in FAISS {self.index.key}"
+            + (f"; {c.factor_share:.0%} of the budget low-rank factors (blocks up to {c.factor_block})" if c.factor_share else ""),
             "  bytes per sequence: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in b.items()),
             f"  model hash {self.build.model_hash}, tokenizer hash {self.build.tokenizer_hash}, "
             f"factors sha256 {self.build.factors_hash[:16]}…",

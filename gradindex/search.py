@@ -171,7 +171,7 @@ class GradIndex:
 
     def _stage2(self, embedding: QueryEmbedding, q: int, rows: np.ndarray, options: QueryOptions) -> np.ndarray:
         """Stage-2 scores of ``rows``: their whole stored codes against the query's."""
-        return self.compressor.scores(self.reader.codes(rows), embedding.codes[q : q + 1])[0] / self._normaliser(embedding, q, rows, options)
+        return self.compressor.scores(self.reader.codes(rows), embedding, [q])[0] / self._normaliser(embedding, q, rows, options)
 
     def _scores_by_row(self, embedding, q, shortlist: Shortlist, rows1, scores1, scores2, options) -> tuple[dict, dict]:
         """Stage-1 and stage-2 scores of every shortlisted row; TF-IDF's picks outside stage 1 are scored here."""

@@ -117,5 +117,5 @@ def test_codes_of_experts_made_inside_the_capture_give_exact_influence():
     full = 4 * sum(s.d_out * s.d_in for s in factors.specs) + stage1_bytes(16) + 64
     comp = Compressor(factors, CompressionConfig(budget=full, stage1_dim=16, block_cost=1e9, dtype="float32"))
     codes, _ = comp.encode(model, train, token_budget=64)
-    np.testing.assert_allclose(comp.scores(codes, comp.embed(model, queries, token_budget=64).codes), exact,
+    np.testing.assert_allclose(comp.scores(codes, comp.embed(model, queries, token_budget=64)), exact,
                                rtol=1e-4, atol=1e-4 * np.abs(exact).max())

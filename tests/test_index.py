@@ -59,6 +59,25 @@ def test_exhaustive_cascade_returns_the_exact_top_k_with_the_exact_scores(index,
             np.testing.assert_allclose([h.score for h in result.hits], row[order[:5]], rtol=1e-5)
 
 
+def test_an_index_with_factors_answers_exactly_and_its_stage_2_is_the_compressors(ws, exact, tmp_path):
+    """Built with --factor-share from the CLI: the exhaustive cascade returns the exact top k, stage 2's scores are
+    the compressor's factor scores of the stored codes, and the info line says so."""
+    out = tmp_path / "factored"
+    assert runner.invoke(app, build_args(ws, out, "--factor-share", "0.5", "--factor-block", "4")).exit_code == 0
+    index = GradIndex.open(out)
+    assert index.manifest.compression.factor_share == 0.5 and index.compressor.factored
+    assert index.manifest.vector_dim == index.manifest.compression.stage1_dim  # stage 1: the entries, not the factors
+    queries = [json.loads(line) for line in (ws / "queries.jsonl").read_text().splitlines()]
+    for q, row in zip(queries, exact):
+        result = index.query_many([Query(q["prompt"], q["completion"])], k=5, k1=N, k2=N, trace=True)[0]
+        assert [h.row for h in result.hits] == np.argsort(-row)[:5].tolist()
+        np.testing.assert_allclose([h.score for h in result.hits], row[np.argsort(-row)[:5]], rtol=1e-5)
+        embedding = index.compressor.embed(index.lm.model, tokenize_queries(index.lm.tokenizer, [Query(q["prompt"], q["completion"])], 64))
+        stage2 = index.compressor.scores(index.reader.codes(result.trace.stage1_rows), embedding)[0]
+        np.testing.assert_allclose(result.trace.stage2_scores, stage2, rtol=1e-4, atol=1e-6 * np.abs(stage2).max())
+    assert "low-rank factors" in runner.invoke(app, ["info", str(out)]).output
+
+
 def test_default_cascade_scores_are_exact_and_breakdowns_add_up(index, exact, ws):
     result = index.query("the king of the north", " wrote a book", k=4, k1=30, k2=10, per_token=True)
     assert len(result.hits) == 4 and result.seconds["total"] > 0
