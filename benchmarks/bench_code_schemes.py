@@ -147,33 +147,62 @@ class Schemes:
             out[key][:, i * k2 : (i + 1) * k2] = torch.einsum("bto,bti->boi", delta @ m[name][0], a @ m[name][1]).flatten(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_arguments(p: argparse.ArgumentParser, rows: int) -> None:
+    """What every code benchmark reads: model, factors, rows of data, query files (one kind each), budget."""
     p.add_argument("--model", required=True)
     p.add_argument("--factors", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--queries", nargs="+", required=True, help="query jsonl files, one kind each (named by the file's stem)")
-    p.add_argument("--rows", type=int, default=1000)
+    p.add_argument("--rows", type=int, default=rows)
     p.add_argument("--budget", default="64K")
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--token-budget", type=int, default=1024)
+
+
+def load_inputs(a: argparse.Namespace):
+    """Model, factors, the code length of the budget, tokenized rows, query kinds and tokenized queries."""
+    torch.manual_seed(0)
+    lm = load_model(a.model)
+    factors = Factors.load(a.factors)
+    dim = CompressionConfig(budget=parse_size(a.budget)).code_dim
+    data = tokenize_texts(lm.tokenizer, load_texts(a.data)["text"][: a.rows], a.max_length)
+    kinds = {Path(q).stem: load_queries(q) for q in a.queries}
+    qset = tokenize_queries(lm.tokenizer, [q for qs in kinds.values() for q in qs], 64)
+    return lm, factors, dim, data, kinds, qset
+
+
+def recall_report(truth: np.ndarray, scores: np.ndarray, kinds: dict) -> dict:
+    """Per query kind and side: the share of the exact top-10 inside the scheme's top-d (mean, worst query)
+    and the Spearman correlation with the exact scores."""
+    entry, start = {}, 0
+    for kind, qs in kinds.items():
+        span, start = range(start, start + len(qs)), start + len(qs)
+        for sign, side in ((1, "proponents"), (-1, "opponents")):
+            rec, rhos = {d: [] for d in DEPTHS}, []
+            for qi in span:
+                t, s = sign * truth[qi], sign * scores[qi]
+                top, order = set(np.argsort(-t)[:10].tolist()), np.argsort(-s)
+                for d in DEPTHS:
+                    rec[d].append(len(top & set(order[:d].tolist())) / 10)
+                rhos.append(spearmanr(t, s).statistic)
+            entry[f"{kind} {side}"] = {"spearman": float(np.mean(rhos)),
+                                       **{f"top{d}": {"mean": float(np.mean(v)), "worst": float(np.min(v))} for d, v in rec.items()}}
+    return entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_arguments(p, rows=1000)
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 10.0, 100.0, 1000.0])
     p.add_argument("--energy-data", help="also measure entries chosen by their mean square W² over these sequences' true-label gradients")
     p.add_argument("--energy-rows", type=int, default=100)
     p.add_argument("--sketch-scales", type=float, nargs="*", default=[1.0, 100.0], help="the scales the sketch and hybrid schemes are measured at")
-    p.add_argument("--max-length", type=int, default=48)
-    p.add_argument("--token-budget", type=int, default=1024)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/code_schemes.json"))
     a = p.parse_args(argv)
-    torch.manual_seed(0)
     started = time.perf_counter()
-    lm = load_model(a.model)
-    factors = Factors.load(a.factors)
+    lm, factors, dim, data, kinds, qset = load_inputs(a)
     specs, names = factors.specs, [s.name for s in factors.specs]
-    dim = CompressionConfig(budget=parse_size(a.budget)).code_dim
     schemes = Schemes(factors, dim, a.scales, a.sketch_scales)
-    data = tokenize_texts(lm.tokenizer, load_texts(a.data)["text"][: a.rows], a.max_length)
-    kinds = {Path(q).stem: load_queries(q) for q in a.queries}
-    queries = [q for qs in kinds.values() for q in qs]
-    qset = tokenize_queries(lm.tokenizer, queries, 64)
     bases = {n: (factors.layers[n].q_a.float(), factors.layers[n].q_s.float()) for n in names}
     if a.energy_data:
         energy_set = tokenize_texts(lm.tokenizer, load_texts(a.energy_data)["text"][: a.energy_rows], a.max_length)
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         schemes.add_entries(f"data-u-entries@{a.scales[0]:g}", u_energy)
         print(f"energy of {len(energy_set)} sequences in {time.perf_counter() - started:.0f} s", flush=True)
     keys = schemes.names()
-    n_q = len(queries)
+    n_q = len(qset)
 
     # the queries' rotated gradients, float16 (the truth's inner products average that rounding away)
     q_rot = {s.name: torch.zeros(n_q, s.d_out, s.d_in, dtype=torch.float16) for s in specs}
@@ -228,26 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     truth = scores["exact@1"]
     result = {"model": a.model, "rows": len(data), "code_dim": dim, "budget": a.budget, "queries": {k: len(v) for k, v in kinds.items()},
               "kron_k": schemes.kron_k, "schemes": {}}
-    start = 0
-    spans = {}
-    for kind, qs in kinds.items():
-        spans[kind] = range(start, start + len(qs))
-        start += len(qs)
     for key in keys:
-        entry = {}
-        for kind, span in spans.items():
-            for sign, side in ((1, "proponents"), (-1, "opponents")):
-                rec = {d: [] for d in DEPTHS}
-                rhos = []
-                for qi in span:
-                    t, s = sign * truth[qi], sign * scores[key][qi]
-                    top = set(np.argsort(-t)[:10].tolist())
-                    order = np.argsort(-s)
-                    for d in DEPTHS:
-                        rec[d].append(len(top & set(order[:d].tolist())) / 10)
-                    rhos.append(spearmanr(t, s).statistic)
-                entry[f"{kind} {side}"] = {"spearman": float(np.mean(rhos)),
-                                           **{f"top{d}": {"mean": float(np.mean(v)), "worst": float(np.min(v))} for d, v in rec.items()}}
+        entry = recall_report(truth, scores[key], kinds)
         result["schemes"][key] = entry
         line = "  ".join(f"{ks}: {e['top50']['mean']:.2f}/{e['top50']['worst']:.1f} ρ{e['spearman']:.2f}" for ks, e in entry.items())
         print(f"{key:>14}  top-10 in top-50 (mean/worst)  {line}", flush=True)

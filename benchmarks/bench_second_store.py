@@ -30,15 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
-from benchmarks.bench_code_schemes import DEPTHS, Schemes
-from gradindex import CompressionConfig, Factors, load_model
+from benchmarks.bench_code_schemes import Schemes, common_arguments, load_inputs, recall_report
+from gradindex import Factors
 from gradindex.capture import capture
-from gradindex.corpus import load_texts
-from gradindex.data import collate, load_queries, plan_batches, tokenize_queries, tokenize_texts
+from gradindex.data import collate, plan_batches
 from gradindex.factors import rotated_sequence_gradients
-from gradindex.options import parse_size
 
 
 QUANT = {"": None, "+int8": 127, "+int4": 7}
@@ -72,33 +69,19 @@ class Blocks:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--factors", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--queries", nargs="+", required=True, help="query jsonl files, one kind each (named by the file's stem)")
-    p.add_argument("--rows", type=int, default=500)
-    p.add_argument("--budget", default="64K", help="the shipped code's budget (the entries row)")
+    common_arguments(p, rows=500)
     p.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--max-length", type=int, default=48)
-    p.add_argument("--token-budget", type=int, default=1024)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/second_store.json"))
     a = p.parse_args(argv)
-    torch.manual_seed(0)
     started = time.perf_counter()
-    lm = load_model(a.model)
-    factors = Factors.load(a.factors)
+    lm, factors, dim, data, kinds, qset = load_inputs(a)
     specs, names = factors.specs, [s.name for s in factors.specs]
-    dim = CompressionConfig(budget=parse_size(a.budget)).code_dim
     entries = Schemes(factors, dim, [1.0], [])
     entries.kron = {}
     blocks = Blocks(factors, a.blocks)
-    data = tokenize_texts(lm.tokenizer, load_texts(a.data)["text"][: a.rows], a.max_length)
-    kinds = {Path(q).stem: load_queries(q) for q in a.queries}
-    queries = [q for qs in kinds.values() for q in qs]
-    qset = tokenize_queries(lm.tokenizer, queries, 64)
     bases = {n: (factors.layers[n].q_a.float(), factors.layers[n].q_s.float()) for n in names}
-    n_q, rmax = len(queries), max(a.ranks)
+    n_q, rmax = len(qset), max(a.ranks)
 
     q_white = {s.name: torch.zeros(n_q, s.d_out * s.d_in, dtype=torch.float16) for s in specs}  # the truth's query side
     q_block = {(n, k): None for n in names for k in a.blocks}
@@ -164,23 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         return sum(rank * (m + n) for m, n in per_layer) * 2
 
     truth = scores["exact"]
-    spans, start = {}, 0
-    for kind, qs in kinds.items():
-        spans[kind], start = range(start, start + len(qs)), start + len(qs)
     result = {"model": a.model, "rows": len(data), "code_dim": dim, "budget": a.budget, "queries": {k: len(v) for k, v in kinds.items()}, "schemes": {}}
     for key in keys:
-        entry = {"bytes": nbytes(key)}
-        for kind, span in spans.items():
-            for sign, side in ((1, "proponents"), (-1, "opponents")):
-                rec, rhos = {d: [] for d in DEPTHS}, []
-                for qi in span:
-                    t, s = sign * truth[qi], sign * scores[key][qi]
-                    top, order = set(np.argsort(-t)[:10].tolist()), np.argsort(-s)
-                    for d in DEPTHS:
-                        rec[d].append(len(top & set(order[:d].tolist())) / 10)
-                    rhos.append(spearmanr(t, s).statistic)
-                entry[f"{kind} {side}"] = {"spearman": float(np.mean(rhos)),
-                                           **{f"top{d}": {"mean": float(np.mean(v)), "worst": float(np.min(v))} for d, v in rec.items()}}
+        entry = {"bytes": nbytes(key), **recall_report(truth, scores[key], kinds)}
         result["schemes"][key] = entry
         line = "  ".join(f"{ks}: {e['top20']['mean']:.2f}/{e['top50']['mean']:.2f}({e['top50']['worst']:.1f})"
                          for ks, e in entry.items() if ks != "bytes")
