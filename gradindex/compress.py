@@ -2,8 +2,8 @@
 
 A code is a fixed number of EK-FAC-whitened rotated-gradient entries, so
 ⟨code_q, code_z⟩ estimates the influence I(q, z) and a prefix of the code is what stage 1 searches;
-optionally followed by each layer's low-rank factors U·S, Vᵀ of its whitened factor block, which stage 2
-scores against the query's full block: Σ_r s_r u_rᵀ W_q v_r (the query side is exact).
+optionally followed by each layer's low-rank factors X = U·√Σ, Y = V·√Σ of its whitened factor block, which
+stage 2 scores against the query's full block: Σ_r x_rᵀ W_q y_r (the query side is exact).
 Training sequences are coded inside the capture: token inputs are projected onto each layer's block at
 the forward pass and output gradients at the backward pass, one layer at a time.
 """
@@ -47,7 +47,8 @@ class Compressor:
         self.factored = {name: lp for name, lp in self.plan.layers.items() if lp.factor_rank}
         # What stage 2 multiplies the query's code by: the entries outside every factor block (those inside
         # are the factors' to score, and counting them twice would skew the estimate).
-        self.entry_weight = np.zeros(self.code_dim, np.float32)
+        self.n_entries = sum(len(lp.entries) for lp in self.plan.layers.values())  # the factors' slots follow them
+        self.entry_weight = np.zeros(self.n_entries, np.float32)
         for lp in self.plan.layers.values():
             self.entry_weight[lp.slots[lp.outside].numpy()] = 1
         self._placed: dict[tuple, dict[str, LayerPlan]] = {}
@@ -86,7 +87,7 @@ class Compressor:
         device, dtype = device_and_dtype(model)
         plans = self._layers(device, dtype)
         projections = {name: self._projection(lp) for name, lp in plans.items()}
-        weight = torch.from_numpy(self.entry_weight).to(device, torch.float64)
+        weight = torch.from_numpy(self.entry_weight).to(device, torch.float64)  # a stored norm: the outside entries, then Σ s_r²
         codes = np.zeros((len(data), self.code_dim), dtype=self.config.dtype)
         norms = np.zeros(len(data), dtype=np.float64)
         for rows in plan_batches(data, token_budget):
@@ -96,7 +97,7 @@ class Compressor:
                     lambda name, a, delta: self._code_layer(plans[name], a, delta, out, factored),
                     transform=lambda name, a: a @ projections[name])
             block = out.to("cpu", self.storage_dtype).numpy()
-            squares = (out.double().square() * weight).sum(1).cpu().numpy()
+            squares = (out[:, : self.n_entries].double().square() * weight).sum(1).cpu().numpy()
             for slot, (x, y) in factored.items():  # packed after the cast: the slots hold bits, not values
                 block[:, slot : slot + self.plan.factor_dims[slot]] = pack_factors(x.cpu(), y.cpu(), self.config.dtype)
                 squares += (x.double().square().sum(-1) * y.double().square().sum(-1)).sum(1).cpu().numpy()  # ‖Σ x_r y_rᵀ‖² = Σ s_r²
@@ -125,7 +126,7 @@ class Compressor:
         codes = codes.float().cpu().numpy()
         blocks = {name: (rotated[name][:, lp.factor_rows][:, :, lp.factor_cols].float().cpu() * lp.factor_scale).numpy()
                   for name, lp in self.factored.items()}  # the query's side of the factors: exact, never factored
-        squares = (codes.astype(np.float64) ** 2 * self.entry_weight).sum(1) + sum((b.astype(np.float64) ** 2).sum((1, 2)) for b in blocks.values())
+        squares = (codes[:, : self.n_entries].astype(np.float64) ** 2 * self.entry_weight).sum(1) + sum((b.astype(np.float64) ** 2).sum((1, 2)) for b in blocks.values())
         return QueryEmbedding(rotated, codes, self.stage1_vectors(codes), np.sqrt(squares), blocks)
 
     def stage1_vectors(self, codes: np.ndarray) -> np.ndarray:
@@ -134,10 +135,11 @@ class Compressor:
 
     def scores(self, stored: np.ndarray, embedding: QueryEmbedding, queries: list[int] | None = None) -> np.ndarray:
         """Stage-2 scores of (K, code_dim) stored codes for the embedding's ``queries`` (default all):
-        ⟨code_q, code_z⟩ over the entries outside the factor blocks, plus Σ_r s_r u_rᵀ W_q v_r over each
+        ⟨code_q, code_z⟩ over the entries outside the factor blocks, plus Σ_r x_rᵀ W_q y_r over each
         factored layer → (Q, K)."""
         queries = list(range(len(embedding.codes))) if queries is None else queries
-        out = (embedding.codes[queries] * self.entry_weight) @ stored.astype(np.float32).T
+        n = self.n_entries
+        out = (embedding.codes[queries, :n] * self.entry_weight) @ stored[:, :n].astype(np.float32).T
         for name, lp in self.factored.items():
             x, y = unpack_factors(stored[:, lp.factor_slot : lp.factor_slot + lp.factor_dim], lp.factor_rank,
                                   lp.factor_proj_s.shape[1], lp.factor_proj_a.shape[1])
