@@ -162,11 +162,6 @@ class CodePlan:
     captured: float  # predicted fraction of the score variance of random pairs the code keeps: Σ_kept u² / Σ u²
     shares: dict[str, int]  # entries each layer contributes
 
-    @property
-    def factor_dims(self) -> dict[int, int]:
-        """Slots of each factored layer's factors, by where they start."""
-        return {lp.factor_slot: lp.factor_dim for lp in self.layers.values() if lp.factor_rank}
-
     @classmethod
     def of(cls, factors: Factors, config: CompressionConfig) -> "CodePlan":
         variances = {}

@@ -60,16 +60,16 @@ class Compressor:
         return self._placed[key]
 
     @staticmethod
-    def _code_layer(lp: LayerPlan, a_proj: torch.Tensor, delta: torch.Tensor, out: torch.Tensor, factored: dict) -> None:
+    def _code_layer(lp: LayerPlan, a_proj: torch.Tensor, delta: torch.Tensor, out: torch.Tensor, factored: list) -> None:
         """Add one layer's entries to ``out`` (B, code_dim) given its inputs projected onto the entries' block
-        and then the factor block (B, T, k_in + f_in); its factors X = U·√S, Y = V·√S (B, r, f) go to ``factored``."""
+        and then the factor block (B, T, k_in + f_in); its plan and factors X = U·√S, Y = V·√S (B, r, f) are appended to ``factored``."""
         k_in = lp.proj_a.shape[1]
         Compressor._code_entries(lp, a_proj[..., :k_in], delta, out)
         if lp.factor_rank:
             w = torch.einsum("bto,bti->boi", delta @ lp.factor_proj_s, a_proj[..., k_in:]) * lp.factor_scale
             u, s, vh = torch.linalg.svd(w.to(torch.promote_types(w.dtype, torch.float32)), full_matrices=False)  # LAPACK: the same bits every rebuild
             root = s[:, : lp.factor_rank, None].sqrt()
-            factored[lp.factor_slot] = (u[..., : lp.factor_rank].transpose(1, 2) * root, vh[:, : lp.factor_rank] * root)
+            factored.append((lp, u[..., : lp.factor_rank].transpose(1, 2) * root, vh[:, : lp.factor_rank] * root))
 
     @staticmethod
     def _code_entries(lp: LayerPlan, a_proj: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> None:
@@ -92,14 +92,14 @@ class Compressor:
         norms = np.zeros(len(data), dtype=np.float64)
         for rows in plan_batches(data, token_budget):
             out = torch.zeros(len(rows), self.code_dim, dtype=dtype, device=device)
-            factored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            factored: list[tuple[LayerPlan, torch.Tensor, torch.Tensor]] = []
             capture(model, self.coded, collate(data, rows).to(device),
                     lambda name, a, delta: self._code_layer(plans[name], a, delta, out, factored),
                     transform=lambda name, a: a @ projections[name])
             block = out.to("cpu", self.storage_dtype).numpy()
             squares = (out[:, : self.n_entries].double().square() * weight).sum(1).cpu().numpy()
-            for slot, (x, y) in factored.items():  # packed after the cast: the slots hold bits, not values
-                block[:, slot : slot + self.plan.factor_dims[slot]] = pack_factors(x.cpu(), y.cpu(), self.config.dtype)
+            for lp, x, y in factored:  # packed after the cast: the slots hold bits, not values
+                block[:, lp.factor_slot : lp.factor_slot + lp.factor_dim] = pack_factors(x.cpu(), y.cpu(), self.config.dtype)
                 squares += (x.double().square().sum(-1) * y.double().square().sum(-1)).sum(1).cpu().numpy()  # ‖Σ x_r y_rᵀ‖² = Σ s_r²
             codes[rows] = block
             norms[rows] = squares
