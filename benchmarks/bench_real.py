@@ -103,34 +103,72 @@ def text_queries(train: Path, n: int, seed: int = 1):
 
 
 def run(args: list[str], env: dict | None = None) -> dict:
-    """One CLI command in its own process: seconds and peak RSS (GiB)."""
+    """One CLI command in its own process: seconds, peak RSS (GiB) and, on CUDA, the GPU memory in use at its
+    peak (nvidia-smi, polled: the process's own allocator is out of reach from here)."""
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env={**os.environ, **(env or {})})
+    gpu = GpuMemoryPoll() if "cuda" in args else None
     _, status, usage = os.wait4(process.pid, 0)
+    out = {"seconds": time.perf_counter() - started, "peak_rss_gib": usage.ru_maxrss / 2**20}
+    if gpu is not None:
+        out["peak_gpu_gib"] = gpu.stop()
     if status != 0:
         raise SystemExit(f"command failed ({status}): gradindex {' '.join(args)}")
-    return {"seconds": time.perf_counter() - started, "peak_rss_gib": usage.ru_maxrss / 2**20}
+    return out
 
 
-def plain_forward_backward(model_dir: Path, data: Path, max_length: int, n: int, token_budget: int) -> float:
-    """Sequences per second of a plain training step's forward+backward (parameter gradients) on the same batches."""
+class GpuMemoryPoll:
+    """The most GPU memory in use (GiB, the whole device) while it runs, read from nvidia-smi every 0.2 s."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self.done = 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                      capture_output=True, text=True, timeout=5).stdout.split()
+                self.peak = max(self.peak, float(used[0]) / 1024)
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
+def plain_forward_backward(model_dir: Path, data: Path, max_length: int, n: int, token_budget: int, device: str = "cpu",
+                           dtype: str | None = None) -> float:
+    """Sequences per second of a plain training step's forward+backward (parameter gradients) on the same
+    batches, device and dtype; the first batch is a warm-up, not timed."""
     import torch
 
     from gradindex.corpus import load_texts
     from gradindex.data import collate, plan_batches, tokenize_texts
     from gradindex.model import load_model
 
-    lm = load_model(str(model_dir))
+    lm = load_model(str(model_dir), dtype=dtype, device=device)
     texts = load_texts(str(data))["text"][:n]
     tokens = tokenize_texts(lm.tokenizer, texts, max_length)
-    started = time.perf_counter()
-    for rows in plan_batches(tokens, token_budget):
-        batch = collate(tokens, rows)
+    batches = list(plan_batches(tokens, token_budget))
+    timed = 0
+    for i, rows in enumerate(batches):
+        if i == 1 or len(batches) == 1:
+            torch.cuda.synchronize() if device.startswith("cuda") else None
+            started, timed = time.perf_counter(), 0
+        batch = collate(tokens, rows).to(device)
         logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
         loss.backward()
         lm.model.zero_grad(set_to_none=True)
-    return len(tokens) / (time.perf_counter() - started)
+        timed += len(rows)
+    torch.cuda.synchronize() if device.startswith("cuda") else None
+    return timed / (time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     factors, index = a.cache / f"factors{a.n_fit}", a.cache / (f"index{a.n_train}_{a.budget}" + (f"_f{a.factor_share:g}" if a.factor_share else "") + ("_truncated" if a.truncate else ""))
     result: dict = {"model": str(model_dir), "n_train": a.n_train, "n_fit": a.n_fit, "max_length": a.max_length, "budget": a.budget,
                     "device": a.device, "dtype": a.dtype or "as saved", "threads": os.cpu_count()}
+    def save() -> None:  # after every phase: a run stopped by its time limit keeps what it measured
+        a.out.write_text(json.dumps(result, indent=1, default=float))
+
     if not (factors / "factors.json").is_file():
         result["fit"] = run(["fit", str(model_dir), "--data", str(fit_data), "--out", str(factors), "--max-length", str(a.max_length),
                              "--token-budget", str(a.token_budget), *device])
@@ -183,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         result["build"] = run(["build", str(model_dir), "--data", str(train), "--out", str(index), "--factors", str(factors),
                                "--budget", a.budget, "--factor-share", str(a.factor_share), "--token-budget", str(a.token_budget), *device]
                               + (["--truncate"] if a.truncate else []))
+    save()
     result["cold_query"] = run(["query", str(index), "--prompt", FACT_QUERIES[0][0], "--completion", FACT_QUERIES[0][1], "--k2", str(a.k2), *device])
 
     from gradindex import GradIndex, Query, evaluate
@@ -197,9 +239,10 @@ def main(argv: list[str] | None = None) -> None:
                       "layers": len(opened.compressor.plan.shares),
                       "factors": {name: [lp.factor_rank, len(lp.factor_rows), len(lp.factor_cols)] for name, lp in opened.compressor.factored.items()}}
     result["build_sequences_per_second"] = m.n_rows / sum(records)
-    if a.device == "cpu":
-        result["plain_forward_backward_per_second"] = plain_forward_backward(model_dir, train, a.max_length, 256, a.token_budget)
-        result["build_throughput_ratio"] = result["build_sequences_per_second"] / result["plain_forward_backward_per_second"]
+    n_plain = 256 if a.device == "cpu" else 4096
+    result["plain_forward_backward_per_second"] = plain_forward_backward(model_dir, train, a.max_length, n_plain, a.token_budget, a.device, a.dtype)
+    result["build_throughput_ratio"] = result["build_sequences_per_second"] / result["plain_forward_backward_per_second"]
+    save()
     reader = ShardReader(index, m.shards, m.compression.stage1_dim)
     codes = reader.codes(np.arange(m.n_rows)).astype(np.float32)
     for kind, qs in queries.items():
@@ -210,8 +253,12 @@ def main(argv: list[str] | None = None) -> None:
         side = report.to_dict()
         side["prefix_recall"] = prefix_recall(opened, qlist, codes, exact)
         result[kind] = side
+        if a.device.startswith("cuda"):
+            import torch
+
+            result[f"{kind}_eval_peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        save()
         print(report.summary(), flush=True)
-    a.out.write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps({k: v for k, v in result.items() if k not in ("fact", "text")}, indent=1, default=float))
 
 

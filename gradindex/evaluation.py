@@ -33,6 +33,7 @@ class Side:
     exact_max_rel_diff: float  # stage 3 vs brute force on the returned rows (should be ~1e-6)
     stage1_recall_at_depth: dict[int, float]  # exact top-k inside the stage-1 top-d
     stage2_recall_at_depth: dict[int, float]  # … inside the top-d of the k1 candidates by stage-2 score
+    stage2_worst_at_depth: dict[int, float] = field(default_factory=dict)  # … of the worst query: recall@k at k2 = d
     per_query_recall: list[float] = field(default_factory=list)
     worst_recall: float = float("nan")  # the worst query's recall@k
     p5_recall: float = float("nan")  # its 5th percentile over queries
@@ -181,9 +182,9 @@ def _average(rows: list[dict]) -> Side:
     def mean(key):
         return float(np.nanmean([r[key] for r in rows]))
 
-    def depth_mean(key):
+    def depth_mean(key, reduce=np.mean):
         depths = sorted(set().union(*(r[key] for r in rows)))
-        return {d: float(np.mean([r[key][d] for r in rows if d in r[key]])) for d in depths}
+        return {d: float(reduce([r[key][d] for r in rows if d in r[key]])) for d in depths}
 
     recalls = np.array([r["recall_at_k"] for r in rows])
     flagged = np.array([r["flagged"] for r in rows], dtype=bool)
@@ -193,6 +194,7 @@ def _average(rows: list[dict]) -> Side:
         stage1_spearman=mean("stage1_spearman"), stage2_spearman=mean("stage2_spearman"),
         exact_max_rel_diff=float(np.max([r["exact_max_rel_diff"] for r in rows])),
         stage1_recall_at_depth=depth_mean("stage1_recall_at_depth"), stage2_recall_at_depth=depth_mean("stage2_recall_at_depth"),
+        stage2_worst_at_depth=depth_mean("stage2_recall_at_depth", np.min),
         per_query_recall=[r["recall_at_k"] for r in rows],
         worst_recall=float(np.min(recalls)), p5_recall=float(np.percentile(recalls, 5)),
         missed=float(np.mean([(1 - r["recall_at_k"]) * r["k"] for r in rows])), expected_missed=mean("expected_missed"),
