@@ -97,23 +97,31 @@ UNCERTAIN_MISSES = 0.5  # expected misses from which a result carries a warning
 
 
 def expected_missed(stage2_rows: np.ndarray, stage2_scores: np.ndarray, rescored_rows: np.ndarray, rescored_stage2: np.ndarray,
-                    rescored_exact: np.ndarray, k: int, sign: float) -> float:
-    """Expected number of stage-2 candidates left unrescored whose exact score beats the k-th result (at most k).
+                    rescored_exact: np.ndarray, k: int, sign: float, outside_scores: np.ndarray | None = None,
+                    outside_weight: float = 0.0) -> tuple[float, float]:
+    """Expected number of the true top k that the cascade left out (at most k), and the part of it that stage 1
+    never returned.
 
     The rescored candidates show how exact scores follow the stage-2 estimates: a least-squares line
-    exact ≈ a + b·estimate (a code keeps part of every score, so b ≠ 1) with residual spread σ; an
-    unrescored candidate with estimate s then beats the cut c with probability Φ((a + b·s − c)/σ), signs
-    flipped for opponents. ``gradindex eval`` compares the sum with the misses brute force finds.
+    exact ≈ a + b·estimate (a code keeps part of every score, so b ≠ 1) with residual spread σ; a row left
+    unrescored with estimate s then beats the cut c with probability Φ((a + b·s − c)/σ), signs flipped for
+    opponents. That sum runs over the stage-2 candidates left unrescored and, for the rows stage 1 did not
+    return, over ``outside_scores``: the stage-2 estimates of a random sample of them, each standing for
+    ``outside_weight`` rows. ``gradindex eval`` compares both with the misses brute force finds.
     """
     if k == 0 or len(rescored_rows) < 3:
-        return 0.0
+        return 0.0, 0.0
     exact, estimate = sign * rescored_exact.astype(np.float64), sign * rescored_stage2.astype(np.float64)
     cut = np.sort(exact)[::-1][min(k, len(exact)) - 1]
     slope, intercept = np.polyfit(estimate, exact, 1) if np.ptp(estimate) > 0 else (0.0, float(exact.mean()))
     residual = exact - (intercept + slope * estimate)
     spread = max(float(np.sqrt(np.mean(residual**2))), 1e-12 * max(1.0, float(np.abs(exact).max())))
-    rest = sign * stage2_scores[~np.isin(stage2_rows, rescored_rows)].astype(np.float64)
-    if len(rest) == 0:
-        return 0.0
-    z = torch.from_numpy((intercept + slope * rest - cut) / spread)
-    return min(float(k), float(torch.special.ndtr(z).sum()))
+
+    def beats(scores: np.ndarray) -> float:
+        z = torch.from_numpy((intercept + slope * sign * scores.astype(np.float64) - cut) / spread)
+        return float(torch.special.ndtr(z).sum())
+
+    inside = beats(stage2_scores[~np.isin(stage2_rows, rescored_rows)])
+    outside = outside_weight * beats(outside_scores) if outside_scores is not None and len(outside_scores) else 0.0
+    total = inside + outside
+    return min(float(k), total), (min(float(k), total) * outside / total if total > 0 else 0.0)

@@ -39,6 +39,8 @@ class Side:
     p5_recall: float = float("nan")  # its 5th percentile over queries
     missed: float = float("nan")  # mean number of the exact top-k missing from the answer …
     expected_missed: float = float("nan")  # … and what the cascade predicted (``QueryResult.expected_missed``)
+    missed_outside_stage1: float = float("nan")  # mean number of the exact top-k that stage 1 did not return …
+    expected_outside_stage1: float = float("nan")  # … and what the cascade predicted (``QueryResult.missed_outside_stage1``)
     flagged_recall: float = float("nan")  # mean recall@k of the queries the cascade flagged as unsure
     unflagged_recall: float = float("nan")  # … and of the others
 
@@ -65,15 +67,17 @@ class EvalReport:
         """What ``gradindex eval`` prints: recall of every stage per side, latency, and the speed-up."""
         lines = [f"{self.n_queries} queries, {self.n_rows} sequences, k={self.k}, k1={self.k1}, k2={self.k2}",
                  f"{'':12s}{'recall@k':>10s}{'worst':>7s}{'p5':>7s}{'in stage 1':>12s}{'in stage 2':>12s}{'in TF-IDF':>11s}"
-                 f"{'in hybrid':>11s}{'ρ stage 1':>11s}{'ρ stage 2':>11s}{'missed':>8s}{'predicted':>11s}"]
+                 f"{'in hybrid':>11s}{'ρ stage 1':>11s}{'ρ stage 2':>11s}{'missed':>8s}{'predicted':>11s}{'by stage 1':>12s}{'predicted':>11s}"]
         for name, side in (("proponents", self.proponents), ("opponents", self.opponents)):
             if side is not None:
                 lines.append(f"{name:12s}{side.recall_at_k:10.3f}{side.worst_recall:7.2f}{side.p5_recall:7.2f}{side.stage1_recall:12.3f}"
                              f"{side.stage2_recall:12.3f}{side.tfidf_recall:11.3f}{side.hybrid_recall:11.3f}{side.stage1_spearman:11.3f}"
-                             f"{side.stage2_spearman:11.3f}{side.missed:8.2f}{side.expected_missed:11.2f}")
+                             f"{side.stage2_spearman:11.3f}{side.missed:8.2f}{side.expected_missed:11.2f}{side.missed_outside_stage1:12.2f}"
+                             f"{side.expected_outside_stage1:11.2f}")
         stages = ", ".join(f"{s} {v * 1000:.1f}" for s, v in self.stage_seconds.items())
         return "\n".join(lines + [
-            f"(stage 2, TF-IDF and hybrid: the exact top-{self.k} among {self.k2} texts each)",
+            f"(stage 2, TF-IDF and hybrid: the exact top-{self.k} among {self.k2} texts each; missed: of the exact top-{self.k}, "
+            "per query, by the answer and by stage 1)",
             f"latency p50 {self.latency_p50 * 1000:.1f} ms, p95 {self.latency_p95 * 1000:.1f} ms (mean ms: {stages})",
             f"brute-force exact: {self.brute_force_seconds * 1000:.1f} ms per query (all queries in one pass); "
             f"p50 speed-up {self.speedup_p50:.1f}×",
@@ -117,6 +121,7 @@ def evaluate(
             truth = true_top(sign * exact[q], k)
             measured = _measure(result.trace, sign * exact[q], truth, k, sign)
             measured["expected_missed"] = result.expected_missed
+            measured["expected_outside_stage1"] = result.missed_outside_stage1
             measured["flagged"] = result.uncertain
             by_stage2 = result.trace.stage1_rows[np.argsort(-sign * result.trace.stage2_scores, kind="stable")]
             for source in ("tfidf", "hybrid"):
@@ -198,6 +203,8 @@ def _average(rows: list[dict]) -> Side:
         per_query_recall=[r["recall_at_k"] for r in rows],
         worst_recall=float(np.min(recalls)), p5_recall=float(np.percentile(recalls, 5)),
         missed=float(np.mean([(1 - r["recall_at_k"]) * r["k"] for r in rows])), expected_missed=mean("expected_missed"),
+        missed_outside_stage1=float(np.mean([(1 - r["stage1_recall"]) * r["k"] for r in rows])),
+        expected_outside_stage1=mean("expected_outside_stage1"),
         flagged_recall=_mean_or_nan(recalls[flagged]), unflagged_recall=_mean_or_nan(recalls[~flagged]),
     )
 

@@ -49,7 +49,8 @@ class QueryResult:
     hits: list[Hit]
     seconds: dict[str, float] = field(default_factory=dict)
     trace: Trace | None = None
-    expected_missed: float = 0.0  # how many of the true top k the cascade may have missed (``candidates.expected_missed``)
+    expected_missed: float = 0.0  # how many of the true top k the cascade may have missed (``candidates.expected_missed``) …
+    missed_outside_stage1: float = 0.0  # … of which among the rows stage 1 did not return (estimated from a sample)
 
     @property
     def uncertain(self) -> bool:
@@ -60,6 +61,9 @@ class QueryResult:
         """The warning an unsure answer carries ('' when sure)."""
         if not self.uncertain:
             return ""
+        if self.missed_outside_stage1 >= self.expected_missed / 2:
+            return (f"the index may have missed about {self.expected_missed:.1f} of the true top {len(self.hits)} "
+                    "(rows that stage 1 did not return may beat the cut); raise --k1 and --k2 to check")
         return (f"the index may have missed about {self.expected_missed:.1f} of the true top {len(self.hits)} "
                 "(candidates close to the cut were not rescored exactly); raise --k2 to check")
 

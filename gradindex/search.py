@@ -31,6 +31,7 @@ from .scores import ScoreResult, query_chunks, query_gradients, score_preconditi
 
 
 SCORE_CHUNK = 1024  # rows scored per pass of ``all_scores``
+MISS_PROBE = 1024  # live rows, drawn once per opened index, whose stage-2 scores stand for those stage 1 did not return
 
 
 class GradIndex:
@@ -47,6 +48,9 @@ class GradIndex:
         self._live_only = ann.excluding(self.reader.removed)  # removed rows never leave stage 1
         self.n = manifest.n_live
         self.max_query_length = lm.max_length(None)
+        # Drawn from all row ids, removed ones dropped: no array of every live row at 10⁸ rows.
+        drawn = np.random.default_rng(0).choice(self.reader.n_rows, min(self.reader.n_rows, MISS_PROBE + len(self.reader.removed)), replace=False)
+        self.miss_probe = np.sort(drawn[~self.reader.is_removed(drawn)][:MISS_PROBE])
 
     @classmethod
     def open(cls, path: str | Path, *, model=None, tokenizer=None, dtype: str | None = None, device: str = "cpu",
@@ -136,10 +140,11 @@ class GradIndex:
         clock = time.perf_counter()
         stage1 = self._stage1(embedding, options)
         seconds["stage1"], clock = (time.perf_counter() - clock) / n, time.perf_counter()
-        picked = []
+        picked, probes = [], []
         for q, query in enumerate(queries):
             rows1, scores1 = stage1[q]
             scores2 = self._stage2(embedding, q, rows1, options)
+            probes.append(self._probe(embedding, q, rows1, options))
             shortlist = self.candidates.shortlist(rows1[np.argsort(-_sign(options) * scores2, kind="stable")], query, options.k2,
                                                   options.candidates)
             picked.append((rows1, scores1, scores2, shortlist, *self._scores_by_row(embedding, q, shortlist, rows1, scores1, scores2, options)))
@@ -151,10 +156,18 @@ class GradIndex:
         for query, (rows1, scores1, scores2, shortlist, stage1_of, stage2_of), r in zip(queries, picked, ranked):
             hits = self._hits(r, shortlist, stage1_of, stage2_of, options)
             kept = Trace(rows1, scores1, scores2, r.rows, r.scores, r.rows[r.chosen], r.scores[r.chosen])
-            missed = expected_missed(rows1, scores2, r.rows, np.array([stage2_of[row] for row in r.rows.tolist()]), r.scores,
-                                     len(hits), _sign(options))
-            results.append(QueryResult(query.prompt, query.completion, options.opponents, hits, dict(seconds), kept if trace else None, missed))
+            missed, outside = expected_missed(rows1, scores2, r.rows, np.array([stage2_of[row] for row in r.rows.tolist()]), r.scores,
+                                              len(hits), _sign(options), *probes[len(results)])
+            results.append(QueryResult(query.prompt, query.completion, options.opponents, hits, dict(seconds), kept if trace else None,
+                                       missed, outside))
         return results
+
+    def _probe(self, embedding: QueryEmbedding, q: int, rows1: np.ndarray, options: QueryOptions) -> tuple[np.ndarray, float]:
+        """Stage-2 scores of the probe rows stage 1 did not return, and how many unreturned rows each stands for."""
+        probe = self.miss_probe[~np.isin(self.miss_probe, rows1)]
+        if len(probe) == 0 or len(rows1) >= self.n:
+            return np.empty(0), 0.0
+        return self._stage2(embedding, q, probe, options), (self.n - len(rows1)) / len(probe)
 
     def _stage1(self, embedding: QueryEmbedding, options: QueryOptions) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each query's k1 FAISS candidates and their stage-1 scores (all queries in one search)."""

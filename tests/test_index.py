@@ -118,7 +118,20 @@ def test_eval_reports_perfect_recall_when_stages_are_exhaustive(ws):
     for side in ("proponents", "opponents"):
         assert report[side]["recall_at_k"] == 1.0 and report[side]["stage1_recall"] == 1.0
         assert report[side]["exact_max_rel_diff"] < 1e-4
+        assert report[side]["missed_outside_stage1"] == 0.0 and report[side]["expected_outside_stage1"] == 0.0
+        worst, mean = report[side]["stage2_worst_at_depth"], report[side]["stage2_recall_at_depth"]
+        assert worst.keys() == mean.keys() == {"10", "20", "50"} and all(worst[d] <= mean[d] for d in worst)
     assert report["latency_p50"] > 0 and report["brute_force_seconds"] > 0
+
+
+def test_eval_compares_stage_1_misses_with_their_prediction(ws):
+    result = runner.invoke(app, ["eval", str(ws / "idx"), "--queries", str(ws / "queries.jsonl"), "-k", "5", "--k1", "8", "--k2", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for side in ("proponents", "opponents"):
+        measured = report[side]
+        assert measured["missed_outside_stage1"] == pytest.approx((1 - measured["stage1_recall"]) * 5)
+        assert measured["missed_outside_stage1"] > 0 and measured["expected_outside_stage1"] > 0  # stage 1's 8 of 70 miss, and it says so
 
 
 def test_query_cli_json_and_text(ws):
@@ -394,10 +407,44 @@ def test_expected_missed_counts_unrescored_candidates_likely_to_beat_the_cut():
     for sign in (1.0, -1.0):
         order = np.argsort(-sign * estimate)
         top = order[:100]  # rescored: stage 2's best 100 …
-        sure = expected_missed(rows, estimate, top, estimate[top], exact[top], 10, sign)
+        sure, _ = expected_missed(rows, estimate, top, estimate[top], exact[top], 10, sign)
         assert sure < 0.05  # … hold every true top-10 with room to spare, and the estimate says so
         few = order[5:100]  # … now stage 2's five best are left unrescored: most of them belong in the top 10
         missing = len(set(np.argsort(-sign * exact)[:10]) - set(few.tolist()))
-        predicted = expected_missed(rows, estimate, few, estimate[few], exact[few], 10, sign)
+        predicted, _ = expected_missed(rows, estimate, few, estimate[few], exact[few], 10, sign)
         assert missing >= 3 and abs(predicted - missing) <= 1.5
-    assert expected_missed(rows, estimate, rows, estimate, exact, 10, 1.0) == 0.0  # all rescored: nothing missed
+    assert expected_missed(rows, estimate, rows, estimate, exact, 10, 1.0) == (0.0, 0.0)  # all rescored: nothing missed
+
+
+def test_expected_missed_estimates_what_stage_1_never_returned_from_a_random_sample():
+    from gradindex.candidates import expected_missed
+
+    rng = np.random.default_rng(1)
+    exact = rng.standard_normal(20_000) * 10
+    estimate = 0.5 * exact + rng.standard_normal(20_000)
+    returned = rng.choice(20_000, 1_000, replace=False)  # a stage 1 that found nothing in particular
+    rest = np.setdiff1d(np.arange(20_000), returned)
+    truth = set(np.argsort(-exact)[:10].tolist())
+    top = returned[np.argsort(-estimate[returned])[:100]]
+    alone, none_outside = expected_missed(returned, estimate[returned], top, estimate[top], exact[top], 10, 1.0)
+    assert alone < 0.5 and none_outside == 0.0  # without the sample the cascade looks sure of itself
+    probe = rng.choice(rest, 1024, replace=False)
+    total, outside = expected_missed(returned, estimate[returned], top, estimate[top], exact[top], 10, 1.0,
+                                     estimate[probe], len(rest) / len(probe))
+    assert len(truth - set(returned.tolist())) >= 9 and total >= 5 and outside > 0.9 * total  # it was missing them
+    good = np.argsort(-estimate)[:1_000]  # a stage 1 that returned the best rows: the sample sees little beyond them
+    top = good[:100]
+    rest = np.setdiff1d(np.arange(20_000), good)
+    probe = rng.choice(rest, 1024, replace=False)
+    total, outside = expected_missed(good, estimate[good], top, estimate[top], exact[top], 10, 1.0, estimate[probe], len(rest) / len(probe))
+    assert total < 0.5 and outside < 0.1
+
+
+def test_a_query_whose_stage_1_missed_rows_says_so_and_names_k1(index, exact, ws):
+    query = json.loads((ws / "queries.jsonl").read_text().splitlines()[0])
+    whole = index.query(query["prompt"], query["completion"], k=5, k1=N, k2=N)
+    assert whole.expected_missed == 0.0 and whole.missed_outside_stage1 == 0.0  # every row rescored: nothing can be missing
+    short = index.query(query["prompt"], query["completion"], k=5, k1=8, k2=8, trace=True)
+    truly_missed = len(set(np.argsort(-exact[0])[:5].tolist()) - set(short.trace.stage1_rows.tolist()))
+    assert truly_missed >= 1 and short.expected_missed >= 0.5 and short.missed_outside_stage1 > short.expected_missed / 2
+    assert short.uncertain and "--k1" in short.note
