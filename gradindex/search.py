@@ -140,32 +140,32 @@ class GradIndex:
         clock = time.perf_counter()
         stage1 = self._stage1(embedding, options)
         seconds["stage1"], clock = (time.perf_counter() - clock) / n, time.perf_counter()
-        picked, probes = [], []
+        picked = []
         for q, query in enumerate(queries):
             rows1, scores1 = stage1[q]
             scores2 = self._stage2(embedding, q, rows1, options)
-            probes.append(self._probe(embedding, q, rows1, options))
             shortlist = self.candidates.shortlist(rows1[np.argsort(-_sign(options) * scores2, kind="stable")], query, options.k2,
                                                   options.candidates)
-            picked.append((rows1, scores1, scores2, shortlist, *self._scores_by_row(embedding, q, shortlist, rows1, scores1, scores2, options)))
+            picked.append((rows1, scores1, scores2, shortlist, *self._scores_by_row(embedding, q, shortlist, rows1, scores1, scores2, options),
+                           self._probe(embedding, q, rows1, options)))
         seconds["stage2"], clock = (time.perf_counter() - clock) / n, time.perf_counter()
         ranked = self._stage3(embedding, [pick[3] for pick in picked], options)
         seconds["stage3"] = (time.perf_counter() - clock) / n
         seconds["total"] = sum(seconds.values())
         results = []
-        for query, (rows1, scores1, scores2, shortlist, stage1_of, stage2_of), r in zip(queries, picked, ranked):
+        for query, (rows1, scores1, scores2, shortlist, stage1_of, stage2_of, probe), r in zip(queries, picked, ranked):
             hits = self._hits(r, shortlist, stage1_of, stage2_of, options)
             kept = Trace(rows1, scores1, scores2, r.rows, r.scores, r.rows[r.chosen], r.scores[r.chosen])
             missed, outside = expected_missed(rows1, scores2, r.rows, np.array([stage2_of[row] for row in r.rows.tolist()]), r.scores,
-                                              len(hits), _sign(options), *probes[len(results)])
+                                              len(hits), _sign(options), *probe)
             results.append(QueryResult(query.prompt, query.completion, options.opponents, hits, dict(seconds), kept if trace else None,
                                        missed, outside))
         return results
 
     def _probe(self, embedding: QueryEmbedding, q: int, rows1: np.ndarray, options: QueryOptions) -> tuple[np.ndarray, float]:
         """Stage-2 scores of the probe rows stage 1 did not return, and how many unreturned rows each stands for."""
-        probe = self.miss_probe[~np.isin(self.miss_probe, rows1)]
-        if len(probe) == 0 or len(rows1) >= self.n:
+        probe = self.miss_probe[~np.isin(self.miss_probe, rows1)] if len(rows1) < self.n else self.miss_probe[:0]
+        if len(probe) == 0:
             return np.empty(0), 0.0
         return self._stage2(embedding, q, probe, options), (self.n - len(rows1)) / len(probe)
 
