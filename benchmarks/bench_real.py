@@ -145,7 +145,7 @@ class GpuMemoryPoll:
 def plain_forward_backward(model_dir: Path, data: Path, max_length: int, n: int, token_budget: int, device: str = "cpu",
                            dtype: str | None = None) -> float:
     """Sequences per second of a plain training step's forward+backward (parameter gradients) on the same
-    batches, device and dtype; the first batch is a warm-up, not timed."""
+    batches, device and dtype; the first of several batches is a warm-up, not timed."""
     import torch
 
     from gradindex.corpus import load_texts
@@ -155,20 +155,24 @@ def plain_forward_backward(model_dir: Path, data: Path, max_length: int, n: int,
     lm = load_model(str(model_dir), dtype=dtype, device=device)
     texts = load_texts(str(data))["text"][:n]
     tokens = tokenize_texts(lm.tokenizer, texts, max_length)
-    batches = list(plan_batches(tokens, token_budget))
-    timed = 0
-    for i, rows in enumerate(batches):
-        if i == 1 or len(batches) == 1:
-            torch.cuda.synchronize() if device.startswith("cuda") else None
-            started, timed = time.perf_counter(), 0
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step(rows) -> None:
         batch = collate(tokens, rows).to(device)
         logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
         loss.backward()
         lm.model.zero_grad(set_to_none=True)
-        timed += len(rows)
-    torch.cuda.synchronize() if device.startswith("cuda") else None
-    return timed / (time.perf_counter() - started)
+
+    batches = list(plan_batches(tokens, token_budget))
+    if len(batches) > 1:
+        step(batches.pop(0))  # warm-up
+    sync()
+    started = time.perf_counter()
+    for rows in batches:
+        step(rows)
+    sync()
+    return sum(len(rows) for rows in batches) / (time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     factors, index = a.cache / f"factors{a.n_fit}", a.cache / (f"index{a.n_train}_{a.budget}" + (f"_f{a.factor_share:g}" if a.factor_share else "") + ("_truncated" if a.truncate else ""))
     result: dict = {"model": str(model_dir), "n_train": a.n_train, "n_fit": a.n_fit, "max_length": a.max_length, "budget": a.budget,
                     "device": a.device, "dtype": a.dtype or "as saved", "threads": os.cpu_count()}
+
     def save() -> None:  # after every phase: a run stopped by its time limit keeps what it measured
         a.out.write_text(json.dumps(result, indent=1, default=float))
 
